@@ -1,0 +1,160 @@
+// CPU kernels of the GAE family. Formulas: rlhfkern/ops/gae.py (the reference).
+//
+// gae: one pass per row, backwards in time, rows in parallel (at::parallel_for):
+//   delta = r_t + gamma*nv - V_t;  g' = delta + gamma*lam*g
+//   nv = m_t*V_t + (1-m_t)*nv;     g = m_t*g' + (1-m_t)*g;   adv_t = g, ret_t = g + V_t
+// masked_whiten: per-row masked sums in double (fixed order: deterministic whatever the
+// thread count), then (x - mean) * rsqrt(var_unbiased + 1e-8) (+ mean if !shift_mean).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace rlhfkern {
+namespace {
+
+constexpr double kWhitenEps = 1e-8;
+
+void check_rows(const at::Tensor& x, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(x.dim() == 2, name, " must be 2-D [B, T], got ", x.dim(), " dims");
+  TORCH_CHECK(x.sizes() == like.sizes(), name, " has shape ", x.sizes(), ", expected ", like.sizes());
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, name, " must have unit stride along T");
+}
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename val_t, typename mask_t, typename acc_t>
+void gae_rows(const val_t* r, const val_t* v, const mask_t* m, acc_t* adv, acc_t* ret, int64_t B,
+              int64_t T, int64_t sr, int64_t sv, int64_t sm, acc_t gamma, acc_t lam) {
+  const acc_t gl = gamma * lam;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const val_t* rb = r + b * sr;
+      const val_t* vb = v + b * sv;
+      const mask_t* mb = m + b * sm;
+      acc_t* ab = adv + b * T;
+      acc_t* retb = ret + b * T;
+      acc_t nv = 0, g = 0;
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const acc_t vt = static_cast<acc_t>(vb[t]);
+        const acc_t mt = static_cast<acc_t>(mb[t]);
+        const acc_t delta = static_cast<acc_t>(rb[t]) + gamma * nv - vt;
+        const acc_t g_new = delta + gl * g;
+        nv = vt * mt + (acc_t(1) - mt) * nv;
+        g = g_new * mt + (acc_t(1) - mt) * g;
+        ab[t] = g;
+        retb[t] = g + vt;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                           const at::Tensor& mask, double gamma, double lam) {
+  check_rows(rewards, "rewards", rewards);
+  check_rows(values, "values", rewards);
+  check_rows(mask, "mask", rewards);
+  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "values must have the dtype of rewards");
+  const int64_t B = rewards.size(0), T = rewards.size(1);
+  const auto acc = acc_type(rewards.scalar_type());
+  auto adv = at::empty({B, T}, rewards.options().dtype(acc));
+  auto ret = at::empty({B, T}, rewards.options().dtype(acc));
+  if (B == 0 || T == 0) return {adv, ret};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "gae_cpu", [&] {
+    using val_t = scalar_t;
+    AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "gae_cpu_mask", [&] {
+      using mask_t = scalar_t;
+      if (acc == at::kDouble) {
+        gae_rows<val_t, mask_t, double>(rewards.data_ptr<val_t>(), values.data_ptr<val_t>(),
+                                        mask.data_ptr<mask_t>(), adv.data_ptr<double>(),
+                                        ret.data_ptr<double>(), B, T, rewards.stride(0),
+                                        values.stride(0), mask.stride(0), gamma, lam);
+      } else {
+        gae_rows<val_t, mask_t, float>(rewards.data_ptr<val_t>(), values.data_ptr<val_t>(),
+                                       mask.data_ptr<mask_t>(), adv.data_ptr<float>(),
+                                       ret.data_ptr<float>(), B, T, rewards.stride(0),
+                                       values.stride(0), mask.stride(0), static_cast<float>(gamma),
+                                       static_cast<float>(lam));
+      }
+    });
+  });
+  return {adv, ret};
+}
+
+// out[b] = sum_t [m != 0] * m * f(x), n[b] = sum_t m; f(x) = x or (x - center)^2.
+template <typename val_t, typename mask_t>
+void masked_row_sums(const val_t* x, const mask_t* m, int64_t B, int64_t T, int64_t sx, int64_t sm,
+                     bool centered, double center, std::vector<double>& s, std::vector<double>& n) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double sb = 0, nb = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const double mt = static_cast<double>(m[b * sm + t]);
+        double y = static_cast<double>(x[b * sx + t]);
+        if (centered) y = (y - center) * (y - center);
+        sb += mt != 0 ? y * mt : 0.0;  // masked-out entries never contribute, even nan/inf
+        nb += mt;
+      }
+      s[b] = sb;
+      n[b] = nb;
+    }
+  });
+}
+
+at::Tensor masked_whiten_cpu(const at::Tensor& values, const at::Tensor& mask, bool shift_mean) {
+  check_rows(values, "values", values);
+  check_rows(mask, "mask", values);
+  const int64_t B = values.size(0), T = values.size(1);
+  const auto acc = acc_type(values.scalar_type());
+  auto out = at::empty({B, T}, values.options().dtype(acc));
+  if (B == 0 || T == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "masked_whiten_cpu", [&] {
+    using val_t = scalar_t;
+    AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "masked_whiten_cpu_mask", [&] {
+      using mask_t = scalar_t;
+      const val_t* x = values.data_ptr<val_t>();
+      const mask_t* m = mask.data_ptr<mask_t>();
+      const int64_t sx = values.stride(0), sm = mask.stride(0);
+      std::vector<double> s(B), n(B);
+      masked_row_sums(x, m, B, T, sx, sm, false, 0.0, s, n);
+      double sum = 0, count = 0;
+      for (int64_t b = 0; b < B; ++b) sum += s[b], count += n[b];
+      const double mean = sum / (count + kWhitenEps);
+      masked_row_sums(x, m, B, T, sx, sm, true, mean, s, n);
+      double sq = 0;
+      for (int64_t b = 0; b < B; ++b) sq += s[b];
+      // unbiased variance; fewer than two masked elements -> nan (verl raises there)
+      const double var = count > 1 ? sq / (count + kWhitenEps) * (count / (count - 1))
+                                   : std::numeric_limits<double>::quiet_NaN();
+      const double rstd = 1.0 / std::sqrt(var + kWhitenEps);
+      const double add = shift_mean ? 0.0 : mean;
+      AT_DISPATCH_FLOATING_TYPES(acc, "masked_whiten_cpu_out", [&] {
+        scalar_t* o = out.data_ptr<scalar_t>();
+        const scalar_t mean_a = static_cast<scalar_t>(mean), rstd_a = static_cast<scalar_t>(rstd),
+                       add_a = static_cast<scalar_t>(add);
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b)
+            for (int64_t t = 0; t < T; ++t)
+              o[b * T + t] = (static_cast<scalar_t>(x[b * sx + t]) - mean_a) * rstd_a + add_a;
+        });
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhfkern, CPU, m) {
+  m.impl("gae", &gae_cpu);
+  m.impl("masked_whiten", &masked_whiten_cpu);
+}
+
+}  // namespace rlhfkern

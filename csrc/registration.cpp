@@ -1,0 +1,38 @@
+// Every op's schema, in one place (DESIGN.md). Kernels register their implementations
+// per dispatch key beside their code: csrc/cpu/<family>.cpp (CPU), csrc/cuda/bindings.cpp (CUDA).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(rlhfkern, m) {
+  // GAE family (rlhfkern/ops/gae.py has the reference and the contract).
+  m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  m.def("masked_whiten(Tensor values, Tensor mask, bool shift_mean) -> Tensor");
+}
+
+namespace {
+#ifndef RLHFKERN_CUDA_ARCHS
+#define RLHFKERN_CUDA_ARCHS ""
+#endif
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cpu"] = true;
+#ifdef RLHFKERN_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_arches"] = std::string(RLHFKERN_CUDA_ARCHS);
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rlhfkern compiled core: ops live in torch.ops.rlhfkern";
+  m.def("build_info", &build_info, "what this extension was built with");
+}

@@ -1,0 +1,13 @@
+"""rlhfkern: fused kernels, resharding weight sync and a thin scheduler for RLHF training.
+
+The public API is flat: ``rlhfkern.gae(...)``, ``rlhfkern.masked_whiten(...)``. Every op takes
+``backend=None | "auto" | "torch" | "cpu" | "triton" | "cuda"`` ($RLHFKERN_BACKEND sets the
+default); ``rlhfkern.backends()`` lists those usable here, ``python -m rlhfkern info`` says more.
+"""
+
+from ._dispatch import backends
+from .ops.gae import gae, masked_whiten
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "gae", "masked_whiten", "__version__"]

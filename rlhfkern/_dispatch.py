@@ -1,0 +1,98 @@
+"""Backend choice, shared by every op (DESIGN.md, "Ops: one contract, several backends").
+
+    backend = None -> $RLHFKERN_BACKEND, else "auto"
+    "auto"         -> CPU tensors: "cpu" if the extension loaded, else "torch";
+                      CUDA tensors: "cuda" if built with CUDA, else "triton", else "torch"
+    "torch"        -> the reference itself (pure torch, any device)
+    "cpu"          -> C++ kernels of rlhfkern._C, CPU tensors
+    "cuda"         -> CUDA kernels of rlhfkern._C, CUDA tensors
+    "triton"       -> Triton kernels, CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)
+A backend that cannot run raises a ValueError that says what is missing.
+"""
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+ENV_VAR = "RLHFKERN_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    """(module, None) or (None, reason)."""
+    try:
+        return importlib.import_module("rlhfkern._C"), None
+    except ImportError as e:  # not built, or built against another torch
+        return None, f"rlhfkern._C failed to import ({e}); build it with `pip install --no-build-isolation -e .`"
+
+
+def extension():
+    return _load_extension()[0]
+
+
+def build_info():
+    ext = extension()
+    return ext.build_info() if ext is not None else {"cpu": False, "cuda": False, "cuda_arches": "", "openmp": False}
+
+
+def triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    return None
+
+
+def why_unavailable(backend, device_type):
+    """None if `backend` can run on tensors of `device_type` here, else the reason."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got {device_type} tensors"
+        return _load_extension()[1]
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got {device_type} tensors"
+        reason = _load_extension()[1]
+        if reason is None and not build_info()["cuda"]:
+            reason = "rlhfkern._C was built without CUDA (torch without CUDA, or nvcc not found at build time)"
+        return reason
+    if backend == "triton":
+        reason = _triton_import_error()
+        if reason is None and device_type == "cpu" and not triton_interpreted():
+            reason = "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        elif reason is None and device_type not in ("cpu", "cuda"):
+            reason = f"backend 'triton' does not run on {device_type} tensors"
+        return reason
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def backends():
+    """The backends usable here: "torch" always, then those whose device and build are present."""
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [b for b in BACKENDS if any(why_unavailable(b, d) is None for d in device_types)]
+
+
+def resolve(backend, device):
+    """The concrete backend an op runs for `backend` (None/"auto"/name) on tensors on `device`."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    device_type = torch.device(device).type
+    if backend == "auto":
+        order = ("cuda", "triton", "torch") if device_type == "cuda" else ("cpu", "torch")
+        return next(b for b in order if why_unavailable(b, device_type) is None)
+    reason = why_unavailable(backend, device_type)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} is not available: {reason}")
+    return backend

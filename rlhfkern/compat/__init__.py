@@ -1,0 +1,1 @@
+"""Drop-in, signature-compatible replacements for functions of RLHF frameworks (verl, ...)."""

@@ -1,0 +1,1 @@
+"""One module per op family: its reference (the spec), its custom ops and its backend choice."""
