@@ -22,7 +22,7 @@ def info():
         lines.append(f"triton       {triton.__version__}" + (" (interpreter)" if _dispatch.triton_interpreted() else ""))
     except ImportError:
         lines.append("triton       not installed")
-    ext_error = _dispatch._load_extension()[1]
+    ext_error = _dispatch.EXTENSION_ERROR
     lines.append("extension    " + ("rlhfkern._C loaded" if ext_error is None else ext_error))
     lines.append(f"built        cpu={built['cpu']} openmp={built['openmp']} cuda={built['cuda']}"
                  + (f" arches={built['cuda_arches']}" if built["cuda"] else ""))

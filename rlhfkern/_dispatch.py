@@ -10,8 +10,8 @@
 A backend that cannot run raises a ValueError that says what is missing.
 """
 
-import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -20,7 +20,6 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "RLHFKERN_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
 def _load_extension():
     """(module, None) or (None, reason)."""
     try:
@@ -29,26 +28,24 @@ def _load_extension():
         return None, f"rlhfkern._C failed to import ({e}); build it with `pip install --no-build-isolation -e .`"
 
 
+# Decided once at import, so that torch.compile traces the backend choice as constants.
+_EXTENSION, EXTENSION_ERROR = _load_extension()
+_BUILD_INFO = _EXTENSION.build_info() if _EXTENSION is not None else {
+    "cpu": False, "cuda": False, "cuda_arches": "", "openmp": False}
+# found, not imported: TRITON_INTERPRET must still be settable after `import rlhfkern`
+TRITON_ERROR = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
 def extension():
-    return _load_extension()[0]
+    return _EXTENSION
 
 
 def build_info():
-    ext = extension()
-    return ext.build_info() if ext is not None else {"cpu": False, "cuda": False, "cuda_arches": "", "openmp": False}
+    return dict(_BUILD_INFO)
 
 
 def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_import_error():
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"triton is not installed ({e})"
-    return None
 
 
 def why_unavailable(backend, device_type):
@@ -58,16 +55,16 @@ def why_unavailable(backend, device_type):
     if backend == "cpu":
         if device_type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, got {device_type} tensors"
-        return _load_extension()[1]
+        return EXTENSION_ERROR
     if backend == "cuda":
         if device_type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got {device_type} tensors"
-        reason = _load_extension()[1]
-        if reason is None and not build_info()["cuda"]:
+        reason = EXTENSION_ERROR
+        if reason is None and not _BUILD_INFO["cuda"]:
             reason = "rlhfkern._C was built without CUDA (torch without CUDA, or nvcc not found at build time)"
         return reason
     if backend == "triton":
-        reason = _triton_import_error()
+        reason = TRITON_ERROR
         if reason is None and device_type == "cpu" and not triton_interpreted():
             reason = "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
         elif reason is None and device_type not in ("cpu", "cuda"):

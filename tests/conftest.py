@@ -1,0 +1,36 @@
+"""Test set-up. Triton runs in its interpreter on a machine without a GPU: TRITON_INTERPRET must
+be set before triton is first imported, so it is set here, before any test module loads."""
+
+import os
+import sys
+
+import torch
+
+assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could configure it"
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+import pytest  # noqa: E402
+
+GPU = torch.cuda.is_available()
+
+
+def compiled_backends():
+    """(backend, device) pairs every compiled backend is tested on. No GPU here: the C++ CPU
+    kernels and Triton through its interpreter; with a GPU: C++ CPU, Triton and CUDA on the GPU.
+    A backend that should run but cannot fails its tests (it is not skipped)."""
+    pairs = [("cpu", "cpu")]
+    if GPU:
+        pairs += [("triton", "cuda"), ("cuda", "cuda")]
+    else:
+        pairs += [("triton", "cpu")]
+    return pairs
+
+
+@pytest.fixture(params=compiled_backends(), ids=lambda p: f"{p[0]}-{p[1]}")
+def backend_device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
