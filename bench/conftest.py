@@ -1,0 +1,85 @@
+"""Benchmark harness: after the pytest-benchmark run, print one table per group with each
+backend's time per call, its speed-up over the group's baseline (what users run today) and,
+where a group has a "copy" row, the ratio to copying the op's bytes once.
+`--bench-md PATH` also writes the table as Markdown (bench/results/<card>.md)."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+if "triton" not in sys.modules:  # Triton timings need a GPU; without one it interprets
+    os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-md", default=None, help="also write the results table to this Markdown file")
+
+
+def per_call(bench):
+    """Median seconds for one call of the op (a benchmarked function may run `inner` calls)."""
+    return bench.stats.median / bench.extra_info.get("inner", 1)
+
+
+def machine():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def results_table(benchmarks):
+    groups = {}
+    for b in benchmarks:
+        groups.setdefault(b.group, []).append(b)
+    lines = ["| group | backend | time per call | vs baseline | vs copy |", "|---|---|---:|---:|---:|"]
+    for group, rows in groups.items():
+        base = next((per_call(b) for b in rows if b.extra_info.get("role") == "baseline"), None)
+        copy = next((per_call(b) for b in rows if b.extra_info.get("role") == "copy"), None)
+        for b in sorted(rows, key=per_call, reverse=True):
+            t = per_call(b)
+            speedup = f"{base / t:.1f}x" if base and b.extra_info.get("role") not in ("baseline", "copy") else ""
+            vs_copy = f"{t / copy:.2f}" if copy and b.extra_info.get("role") != "copy" else ""
+            label = b.extra_info.get("label", b.name)
+            lines.append(f"| {group} | {label} | {format_time(t)} | {speedup} | {vs_copy} |")
+    return "\n".join(lines)
+
+
+def format_time(seconds):
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    benchmarks = [b for b in getattr(session, "benchmarks", []) if b]
+    if not benchmarks:
+        return
+    header = (f"machine: {machine()}\ncommit: {commit()}\ntorch {torch.__version__}, "
+              f"python {platform.python_version()}\n"
+              "vs baseline: baseline time / this time; vs copy: this time / time to copy the op's bytes once")
+    table = results_table(benchmarks)
+    terminalreporter.write_sep("=", "rlhfkern benchmark table")
+    terminalreporter.write_line(header)
+    terminalreporter.write_line(table)
+    path = config.getoption("--bench-md")
+    if path:
+        with open(path, "w") as f:
+            f.write(f"# rlhfkern benchmarks\n\n```\n{header}\n```\n\n{table}\n")
