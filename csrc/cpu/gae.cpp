@@ -1,6 +1,6 @@
 // CPU kernels of the GAE family. Formulas: rlhfkern/ops/gae.py (the reference).
 //
-// gae: one pass per row, backwards in time, rows in parallel (at::parallel_for):
+// gae: one pass per row, backwards in time, 8 rows interleaved, groups in parallel:
 //   delta = r_t + gamma*nv - V_t;  g' = delta + gamma*lam*g
 //   nv = m_t*V_t + (1-m_t)*nv;     g = m_t*g' + (1-m_t)*g;   adv_t = g, ret_t = g + V_t
 // masked_whiten: per-row masked sums in double (fixed order: deterministic whatever the
@@ -30,27 +30,43 @@ at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// R rows at once: the recurrence is a chain of dependent multiply-adds per row, so
+// interleaving R independent rows keeps the core's pipelines full.
+template <int R, typename val_t, typename mask_t, typename acc_t>
+void gae_row_group(const val_t* r, const val_t* v, const mask_t* m, acc_t* adv, acc_t* ret,
+                   int64_t b, int64_t T, int64_t sr, int64_t sv, int64_t sm, acc_t gamma, acc_t gl) {
+  acc_t nv[R], g[R];
+  for (int k = 0; k < R; ++k) nv[k] = g[k] = acc_t(0);
+  for (int64_t t = T - 1; t >= 0; --t) {
+#pragma GCC unroll 8
+    for (int k = 0; k < R; ++k) {
+      const int64_t row = b + k;
+      const acc_t vt = static_cast<acc_t>(v[row * sv + t]);
+      const acc_t mt = static_cast<acc_t>(m[row * sm + t]);
+      const acc_t delta = static_cast<acc_t>(r[row * sr + t]) + gamma * nv[k] - vt;
+      const acc_t g_new = delta + gl * g[k];
+      nv[k] = vt * mt + (acc_t(1) - mt) * nv[k];
+      g[k] = g_new * mt + (acc_t(1) - mt) * g[k];
+      adv[row * T + t] = g[k];
+      ret[row * T + t] = g[k] + vt;
+    }
+  }
+}
+
 template <typename val_t, typename mask_t, typename acc_t>
 void gae_rows(const val_t* r, const val_t* v, const mask_t* m, acc_t* adv, acc_t* ret, int64_t B,
               int64_t T, int64_t sr, int64_t sv, int64_t sm, acc_t gamma, acc_t lam) {
+  constexpr int R = 8;
   const acc_t gl = gamma * lam;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const val_t* rb = r + b * sr;
-      const val_t* vb = v + b * sv;
-      const mask_t* mb = m + b * sm;
-      acc_t* ab = adv + b * T;
-      acc_t* retb = ret + b * T;
-      acc_t nv = 0, g = 0;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const acc_t vt = static_cast<acc_t>(vb[t]);
-        const acc_t mt = static_cast<acc_t>(mb[t]);
-        const acc_t delta = static_cast<acc_t>(rb[t]) + gamma * nv - vt;
-        const acc_t g_new = delta + gl * g;
-        nv = vt * mt + (acc_t(1) - mt) * nv;
-        g = g_new * mt + (acc_t(1) - mt) * g;
-        ab[t] = g;
-        retb[t] = g + vt;
+  const int64_t groups = (B + R - 1) / R;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t b = grp * R;
+      if (b + R <= B) {
+        gae_row_group<R>(r, v, m, adv, ret, b, T, sr, sv, sm, gamma, gl);
+      } else {
+        for (int64_t row = b; row < B; ++row)
+          gae_row_group<1>(r, v, m, adv, ret, row, T, sr, sv, sm, gamma, gl);
       }
     }
   });
@@ -92,16 +108,25 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
 template <typename val_t, typename mask_t>
 void masked_row_sums(const val_t* x, const mask_t* m, int64_t B, int64_t T, int64_t sx, int64_t sm,
                      bool centered, double center, std::vector<double>& s, std::vector<double>& n) {
+  constexpr int L = 8;  // independent partial sums: no add-latency chain, vectorisable
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      double sb = 0, nb = 0;
-      for (int64_t t = 0; t < T; ++t) {
-        const double mt = static_cast<double>(m[b * sm + t]);
-        double y = static_cast<double>(x[b * sx + t]);
+      const val_t* xb = x + b * sx;
+      const mask_t* mb = m + b * sm;
+      double sl[L] = {}, nl[L] = {};
+      auto add = [&](int k, int64_t t) {
+        const double mt = static_cast<double>(mb[t]);
+        double y = static_cast<double>(xb[t]);
         if (centered) y = (y - center) * (y - center);
-        sb += mt != 0 ? y * mt : 0.0;  // masked-out entries never contribute, even nan/inf
-        nb += mt;
-      }
+        sl[k] += mt != 0 ? y * mt : 0.0;  // masked-out entries never contribute, even nan/inf
+        nl[k] += mt;
+      };
+      int64_t t = 0;
+      for (; t + L <= T; t += L)
+        for (int k = 0; k < L; ++k) add(k, t + k);
+      for (int k = 0; t < T; ++t, ++k) add(k, t);
+      double sb = 0, nb = 0;
+      for (int k = 0; k < L; ++k) sb += sl[k], nb += nl[k];
       s[b] = sb;
       n[b] = nb;
     }
