@@ -8,7 +8,7 @@ DEPS := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark ninja pybind11
         verl==0.9.1
 BENCH_ARGS ?=
 
-.PHONY: deps build test bench info cuda-check clean
+.PHONY: deps build test bench info cuda-check cuda-build-check gpu-check clean
 
 $(BIN)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,29 @@ info: build
 cuda-check:
 	cmake -S . -B build/cuda-check -DCMAKE_CUDA_COMPILER=$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc
 	cmake --build build/cuda-check
+
+# The full CUDA build of rlhfkern._C without a GPU: a throwaway venv with the CUDA torch wheel
+# (about 5.5 GB), the extension built from a copy of the tracked files; nothing runs. Not part
+# of `make test`.
+CUDA_VENV ?= /tmp/rlhfkern-cuda-venv
+cuda-build-check:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install --quiet torch==2.14.1 numpy ninja pybind11 setuptools wheel
+	rm -rf $(CUDA_VENV)/src && mkdir -p $(CUDA_VENV)/src && git ls-files | tar -cf - -T - | tar -xf - -C $(CUDA_VENV)/src
+	cd $(CUDA_VENV)/src && CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST="8.0;9.0" \
+	  CPLUS_INCLUDE_PATH=$$($(CUDA_VENV)/bin/python -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), '..', 'nvidia', 'cu13', 'include'))") \
+	  $(CUDA_VENV)/bin/pip install --quiet --no-build-isolation --no-deps .
+	cd / && $(CUDA_VENV)/bin/python -m rlhfkern info
+
+# On a GPU machine whose python already has CUDA torch, triton, pytest and pytest-benchmark (no
+# network there, no venv): build with CUDA, run the tests, write the table under bench/results/.
+GPU_PYTHON ?= python3
+gpu-check:
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} $(GPU_PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	$(GPU_PYTHON) -m rlhfkern info
+	$(GPU_PYTHON) -m pytest tests -q -p no:cacheprovider
+	$(GPU_PYTHON) -m pytest bench -q -p no:cacheprovider \
+	  --bench-md bench/results/$$($(GPU_PYTHON) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))").md
 
 clean:
 	rm -rf build rlhfkern/_C*.so *.egg-info

@@ -38,7 +38,7 @@ def local_version(cuda):
 
 def extension():
     cuda = with_cuda()
-    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-g0", "-fopenmp"]  # the C++ standard: what this torch asks for
     if not cuda:
         return CppExtension("rlhfkern._C", cpu_sources(), extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"]), cuda
@@ -48,7 +48,7 @@ def extension():
         "rlhfkern._C",
         cpu_sources() + cuda_sources(),
         include_dirs=[os.path.abspath("csrc/cuda")],
-        extra_compile_args={"cxx": cxx + defines, "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + defines},
+        extra_compile_args={"cxx": cxx + defines, "nvcc": ["-O3", "-lineinfo"] + defines},
         extra_link_args=["-fopenmp"],
     ), cuda
 

@@ -27,12 +27,10 @@ def info():
     lines.append(f"built        cpu={built['cpu']} openmp={built['openmp']} cuda={built['cuda']}"
                  + (f" arches={built['cuda_arches']}" if built["cuda"] else ""))
     lines.append(f"GPU          {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'}")
-    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for b in _dispatch.BACKENDS:
-        reasons = [_dispatch.why_unavailable(b, d) for d in device_types]
-        ok = [d for d, r in zip(device_types, reasons) if r is None]
-        state = f"runs on {', '.join(ok)}" if ok else f"unavailable: {'; '.join(r for r in reasons if r)}"
-        lines.append(f"backend {b:7s}{state}")
+    gpu = torch.cuda.is_available()
+    for b, device in (("torch", "cpu"), ("cpu", "cpu"), ("triton", "cuda" if gpu else "cpu"), ("cuda", "cuda")):
+        reason = _dispatch.why_unavailable(b, device)
+        lines.append(f"backend {b:7s}" + (f"runs on {device} tensors" if reason is None else f"unavailable: {reason}"))
     lines.append(f"usable       {_dispatch.backends()}")
     return "\n".join(lines)
 

@@ -59,6 +59,8 @@ def why_unavailable(backend, device_type):
     if backend == "cuda":
         if device_type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got {device_type} tensors"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
         reason = EXTENSION_ERROR
         if reason is None and not _BUILD_INFO["cuda"]:
             reason = "rlhfkern._C was built without CUDA (torch without CUDA, or nvcc not found at build time)"
