@@ -14,21 +14,12 @@
 #include <limits>
 #include <vector>
 
+#include "../common.h"
+
 namespace rlhfkern {
 namespace {
 
 constexpr double kWhitenEps = 1e-8;
-
-void check_rows(const at::Tensor& x, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(x.dim() == 2, name, " must be 2-D [B, T], got ", x.dim(), " dims");
-  TORCH_CHECK(x.sizes() == like.sizes(), name, " has shape ", x.sizes(), ", expected ", like.sizes());
-  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, name, " must have unit stride along T");
-}
-
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // R rows at once: the recurrence is a chain of dependent multiply-adds per row, so
 // interleaving R independent rows keeps the core's pipelines full.
@@ -74,10 +65,7 @@ void gae_rows(const val_t* r, const val_t* v, const mask_t* m, acc_t* adv, acc_t
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam) {
-  check_rows(rewards, "rewards", rewards);
-  check_rows(values, "values", rewards);
-  check_rows(mask, "mask", rewards);
-  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "values must have the dtype of rewards");
+  check_gae_inputs(rewards, values, mask, c10::DeviceType::CPU);
   const int64_t B = rewards.size(0), T = rewards.size(1);
   const auto acc = acc_type(rewards.scalar_type());
   auto adv = at::empty({B, T}, rewards.options().dtype(acc));
@@ -134,8 +122,8 @@ void masked_row_sums(const val_t* x, const mask_t* m, int64_t B, int64_t T, int6
 }
 
 at::Tensor masked_whiten_cpu(const at::Tensor& values, const at::Tensor& mask, bool shift_mean) {
-  check_rows(values, "values", values);
-  check_rows(mask, "mask", values);
+  check_rows(values, "values", values, c10::DeviceType::CPU);
+  check_rows(mask, "mask", values, c10::DeviceType::CPU);
   const int64_t B = values.size(0), T = values.size(1);
   const auto acc = acc_type(values.scalar_type());
   auto out = at::empty({B, T}, values.options().dtype(acc));

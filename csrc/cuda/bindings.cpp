@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common.h"
 #include "launch.h"
 
 namespace rlhfkern {
@@ -24,25 +25,15 @@ int dtype_code(const at::Tensor& x, const char* name) {
   }
 }
 
-void check_rows(const at::Tensor& x, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(x.dim() == 2, name, " must be 2-D [B, T], got ", x.dim(), " dims");
-  TORCH_CHECK(x.sizes() == like.sizes(), name, " has shape ", x.sizes(), ", expected ", like.sizes());
-  TORCH_CHECK(x.device() == like.device(), name, " is on ", x.device(), ", expected ", like.device());
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, name, " must have unit stride along T");
-}
-
 void check_cuda(int err, const char* what) {
   TORCH_CHECK(err == 0, what, " failed with CUDA error ", err);
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask, double gamma, double lam) {
-  check_rows(rewards, "rewards", rewards);
-  check_rows(values, "values", rewards);
-  check_rows(mask, "mask", rewards);
-  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "values must have the dtype of rewards");
+  check_gae_inputs(rewards, values, mask, c10::DeviceType::CUDA);
   const at::cuda::CUDAGuard guard(rewards.device());
-  const auto acc = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(rewards.scalar_type());
   const int64_t B = rewards.size(0), T = rewards.size(1);
   auto adv = at::empty({B, T}, rewards.options().dtype(acc));
   auto ret = at::empty({B, T}, rewards.options().dtype(acc));
