@@ -7,6 +7,13 @@ TORCH_LIBRARY(rlhfkern, m) {
   // GAE family (rlhfkern/ops/gae.py has the reference and the contract).
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
   m.def("masked_whiten(Tensor values, Tensor mask, bool shift_mean) -> Tensor");
+  // Policy-gradient family (rlhfkern/ops/ppo_loss.py): per-row partial sums [B, 7], and d log_prob.
+  m.def("actor_loss_fwd(Tensor log_prob, Tensor old_log_prob, Tensor advantages, Tensor mask, "
+        "Tensor? is_weights, Tensor? entropy, Tensor? ref_log_prob, float clip_low, float clip_high, "
+        "float clip_c, int kl_code) -> Tensor");
+  m.def("actor_loss_bwd(Tensor coeffs, Tensor w, Tensor log_prob, Tensor old_log_prob, Tensor advantages, "
+        "Tensor mask, Tensor? is_weights, Tensor? ref_log_prob, float clip_low, float clip_high, "
+        "float clip_c, int kl_code) -> Tensor");
 }
 
 namespace {

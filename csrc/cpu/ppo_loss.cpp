@@ -1,0 +1,177 @@
+// CPU kernels of the policy-gradient family (formulas: rlhfkern/ops/ppo_loss.py).
+//
+// actor_loss_fwd: one pass over [B, T]; per row the sums over tokens with mask m != 0 of
+//   count = m, pg = m*L*is_w, entropy = m*H, kl = m*kl, clipped = m*[L2 > L1],
+//   clipped_lower = m*[M > L3 and A < 0], neg_log_ratio = m*(old - lp) clamped  -> [B, 7].
+// actor_loss_bwd: one pass recomputing from the inputs:
+//   d lp = w_b m (c_pg is_w dL/dlp + c_kl dkl/dlp), with PyTorch's rules at ties.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../common.h"
+#include "../token_math.h"
+
+namespace rlhfkern {
+namespace {
+
+constexpr int kColumns = 7;
+
+struct Inputs {
+  at::Tensor lp, old, adv, mask, isw, ent, ref;
+};
+
+void check_inputs(const Inputs& in) {
+  const auto dev = c10::DeviceType::CPU;
+  check_rows(in.lp, "log_prob", in.lp, dev);
+  check_rows(in.old, "old_log_prob", in.lp, dev);
+  check_rows(in.adv, "advantages", in.lp, dev);
+  check_rows(in.mask, "mask", in.lp, dev);
+  const char* names[3] = {"is_weights", "entropy", "ref_log_prob"};
+  const at::Tensor* opt[3] = {&in.isw, &in.ent, &in.ref};
+  for (int i = 0; i < 3; ++i) {
+    if (!opt[i]->defined()) continue;
+    check_rows(*opt[i], names[i], in.lp, dev);
+    TORCH_CHECK(opt[i]->scalar_type() == in.lp.scalar_type(), names[i], " must have the dtype of log_prob");
+  }
+  TORCH_CHECK(in.old.scalar_type() == in.lp.scalar_type() && in.adv.scalar_type() == in.lp.scalar_type(),
+              "log_prob, old_log_prob and advantages must share one dtype");
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename val_t, typename mask_t, typename acc_t, typename F>
+void for_each_token_row(const Inputs& in, F&& row_fn) {
+  const int64_t B = in.lp.size(0);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) row_fn(b);
+  });
+}
+
+template <typename val_t, typename mask_t, typename acc_t>
+void actor_fwd_impl(const Inputs& in, const TokenParams<acc_t>& p, acc_t* out) {
+  const int64_t T = in.lp.size(1);
+  const val_t *lp = in.lp.data_ptr<val_t>(), *old = in.old.data_ptr<val_t>(), *adv = in.adv.data_ptr<val_t>();
+  const val_t *isw = ptr_or_null<val_t>(in.isw), *ent = ptr_or_null<val_t>(in.ent), *ref = ptr_or_null<val_t>(in.ref);
+  const mask_t* m = in.mask.data_ptr<mask_t>();
+  const int64_t s_lp = in.lp.stride(0), s_old = in.old.stride(0), s_adv = in.adv.stride(0), s_m = in.mask.stride(0);
+  const int64_t s_isw = isw ? in.isw.stride(0) : 0, s_ent = ent ? in.ent.stride(0) : 0, s_ref = ref ? in.ref.stride(0) : 0;
+  for_each_token_row<val_t, mask_t, acc_t>(in, [&](int64_t b) {
+    acc_t sum[kColumns] = {};
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t mt = static_cast<acc_t>(m[b * s_m + t]);
+      if (mt == acc_t(0)) continue;  // masked-out tokens never contribute, even nan/inf
+      const acc_t l = static_cast<acc_t>(lp[b * s_lp + t]);
+      const TokenTerms<acc_t> k = token_terms<acc_t>(
+          l, static_cast<acc_t>(old[b * s_old + t]), static_cast<acc_t>(adv[b * s_adv + t]),
+          isw ? static_cast<acc_t>(isw[b * s_isw + t]) : acc_t(1), ref ? static_cast<acc_t>(ref[b * s_ref + t]) : l,
+          ref != nullptr, p);
+      sum[0] += mt;
+      sum[1] += mt * k.pg;
+      if (ent) sum[2] += mt * static_cast<acc_t>(ent[b * s_ent + t]);
+      sum[3] += mt * k.kl;
+      sum[4] += mt * k.clipped;
+      sum[5] += mt * k.clipped_lower;
+      sum[6] += mt * k.neg_log_ratio;
+    }
+    for (int c = 0; c < kColumns; ++c) out[b * kColumns + c] = sum[c];
+  });
+}
+
+template <typename val_t, typename mask_t, typename acc_t>
+void actor_bwd_impl(const Inputs& in, const TokenParams<acc_t>& p, acc_t c_pg, acc_t c_kl, const acc_t* w, acc_t* grad) {
+  const int64_t T = in.lp.size(1);
+  const val_t *lp = in.lp.data_ptr<val_t>(), *old = in.old.data_ptr<val_t>(), *adv = in.adv.data_ptr<val_t>();
+  const val_t *isw = ptr_or_null<val_t>(in.isw), *ref = ptr_or_null<val_t>(in.ref);
+  const mask_t* m = in.mask.data_ptr<mask_t>();
+  const int64_t s_lp = in.lp.stride(0), s_old = in.old.stride(0), s_adv = in.adv.stride(0), s_m = in.mask.stride(0);
+  const int64_t s_isw = isw ? in.isw.stride(0) : 0, s_ref = ref ? in.ref.stride(0) : 0;
+  for_each_token_row<val_t, mask_t, acc_t>(in, [&](int64_t b) {
+    const acc_t wb = w[b];
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t mt = static_cast<acc_t>(m[b * s_m + t]);
+      if (mt == acc_t(0)) {
+        grad[b * T + t] = acc_t(0);
+        continue;
+      }
+      const acc_t l = static_cast<acc_t>(lp[b * s_lp + t]);
+      const TokenTerms<acc_t> k = token_terms<acc_t>(
+          l, static_cast<acc_t>(old[b * s_old + t]), static_cast<acc_t>(adv[b * s_adv + t]),
+          isw ? static_cast<acc_t>(isw[b * s_isw + t]) : acc_t(1), ref ? static_cast<acc_t>(ref[b * s_ref + t]) : l,
+          ref != nullptr, p);
+      grad[b * T + t] = wb * mt * (c_pg * k.dpg + (ref ? c_kl * k.dkl : acc_t(0)));
+    }
+  });
+}
+
+template <typename F>
+void dispatch_types(const Inputs& in, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.lp.scalar_type(), "actor_loss_cpu", [&] {
+    using val_t = scalar_t;
+    AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, in.mask.scalar_type(), "actor_loss_cpu_mask", [&] {
+      using mask_t = scalar_t;
+      if (in.lp.scalar_type() == at::kDouble) {
+        f(val_t{}, mask_t{}, double{});
+      } else {
+        f(val_t{}, mask_t{}, float{});
+      }
+    });
+  });
+}
+
+at::Tensor actor_loss_fwd_cpu(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& adv,
+                              const at::Tensor& mask, const c10::optional<at::Tensor>& isw,
+                              const c10::optional<at::Tensor>& ent, const c10::optional<at::Tensor>& ref,
+                              double clip_low, double clip_high, double clip_c, int64_t kl_code) {
+  Inputs in{lp, old, adv, mask, isw.value_or(at::Tensor()), ent.value_or(at::Tensor()), ref.value_or(at::Tensor())};
+  check_inputs(in);
+  auto out = at::zeros({lp.size(0), kColumns}, lp.options().dtype(acc_type(lp.scalar_type())));
+  if (lp.numel() == 0) return out;
+  dispatch_types(in, [&](auto v, auto mk, auto a) {
+    using val_t = decltype(v);
+    using mask_t = decltype(mk);
+    using acc_t = decltype(a);
+    const auto p = make_token_params<acc_t>(clip_low, clip_high, clip_c, kl_code);
+    actor_fwd_impl<val_t, mask_t, acc_t>(in, p, out.data_ptr<acc_t>());
+  });
+  return out;
+}
+
+at::Tensor actor_loss_bwd_cpu(const at::Tensor& coeffs, const at::Tensor& w, const at::Tensor& lp,
+                              const at::Tensor& old, const at::Tensor& adv, const at::Tensor& mask,
+                              const c10::optional<at::Tensor>& isw, const c10::optional<at::Tensor>& ref,
+                              double clip_low, double clip_high, double clip_c, int64_t kl_code) {
+  Inputs in{lp, old, adv, mask, isw.value_or(at::Tensor()), at::Tensor(), ref.value_or(at::Tensor())};
+  check_inputs(in);
+  const auto acc = acc_type(lp.scalar_type());
+  TORCH_CHECK(coeffs.numel() == 2 && coeffs.scalar_type() == acc && coeffs.device().is_cpu(),
+              "coeffs must be 2 CPU values of the accumulation dtype");
+  TORCH_CHECK(w.numel() == lp.size(0) && w.scalar_type() == acc && w.is_contiguous() && w.device().is_cpu(),
+              "w must hold one CPU weight per row of the accumulation dtype");
+  auto grad = at::empty(lp.sizes(), lp.options().dtype(acc));
+  if (lp.numel() == 0) return grad;
+  dispatch_types(in, [&](auto v, auto mk, auto a) {
+    using val_t = decltype(v);
+    using mask_t = decltype(mk);
+    using acc_t = decltype(a);
+    const auto p = make_token_params<acc_t>(clip_low, clip_high, clip_c, kl_code);
+    const acc_t c_pg = coeffs[0].item<acc_t>(), c_kl = coeffs[1].item<acc_t>();  // CPU: no sync
+    actor_bwd_impl<val_t, mask_t, acc_t>(in, p, c_pg, c_kl, w.data_ptr<acc_t>(), grad.data_ptr<acc_t>());
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhfkern, CPU, m) {
+  m.impl("actor_loss_fwd", &actor_loss_fwd_cpu);
+  m.impl("actor_loss_bwd", &actor_loss_bwd_cpu);
+}
+
+}  // namespace rlhfkern
