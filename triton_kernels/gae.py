@@ -22,6 +22,8 @@ Statistics stay on the device: no host sync.
 import triton
 import triton.language as tl
 
+from ._common import join_float, split_float
+
 
 @triton.jit
 def _affine_combine(a_left, b_left, a_right, b_right):
@@ -43,9 +45,8 @@ def _gae_kernel(
     adv_row = adv_ptr + row * T
     ret_row = ret_ptr + row * T
     acc_dtype = adv_ptr.dtype.element_ty
-    # float arguments arrive as fp32: a float64 run rebuilds gamma and gamma*lam from hi + lo
-    gamma = tl.cast(gamma_hi, acc_dtype) + tl.cast(gamma_lo, acc_dtype)
-    gamma_lam = tl.cast(gl_hi, acc_dtype) + tl.cast(gl_lo, acc_dtype)
+    gamma = join_float(gamma_hi, gamma_lo, acc_dtype)
+    gamma_lam = join_float(gl_hi, gl_lo, acc_dtype)
 
     i = tl.arange(0, BLOCK_T)
     last = i == BLOCK_T - 1
@@ -130,14 +131,6 @@ def _whiten_apply_kernel(
     tl.store(out_ptr + row * T + t, y, mask=inb)
 
 
-def _split(x):
-    """x as fp32 hi + lo (Triton passes Python floats as fp32; hi + lo keeps ~48 bits)."""
-    import numpy as np
-
-    hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
-
-
 def _block_t(T, cap):
     return max(16, min(cap, triton.next_power_of_2(T)))
 
@@ -153,7 +146,7 @@ def gae(rewards, values, mask, gamma, lam, out_dtype, block_t=1024):
     _gae_kernel[(B,)](
         rewards, values, mask, adv, ret,
         T, rewards.stride(0), values.stride(0), mask.stride(0),
-        *_split(float(gamma)), *_split(float(gamma) * float(lam)),
+        *split_float(gamma), *split_float(float(gamma) * float(lam)),
         BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
     )
     return adv, ret

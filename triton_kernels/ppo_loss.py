@@ -1,0 +1,215 @@
+"""Triton kernels of the policy-gradient family (installed as ``rlhfkern.triton_kernels.ppo_loss``).
+
+Formulas and gradient rules: rlhfkern/ops/ppo_loss.py; the per-token math mirrors
+csrc/token_math.h. A program owns BLOCK_T tokens of one row: the forward writes that block's
+sums (count, m*pg, m*H, m*kl, m*clipped, m*clipped_lower, m*neg_log_ratio) and the rows' totals
+are summed by torch afterwards (a fixed order: deterministic); the backward recomputes the
+per-token terms from the inputs and writes d log_prob.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import join_float, split_float
+
+N_COLUMNS = 7
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
+def _passes(x, lo, hi):
+    # torch.clamp's backward passes the gradient on [lo, hi], bounds included
+    return tl.where((x >= lo) & (x <= hi), 1.0, 0.0)
+
+
+@triton.jit
+def _token_terms(lp, old, adv, is_w, ref, lo, hi, clip_c,
+                 DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr):
+    d = lp - old
+    nk = _clamp(d, -20.0, 20.0)
+    ratio = tl.exp(nk)
+    neg_a = -adv
+    l1 = neg_a * ratio
+    l2 = neg_a * _clamp(ratio, lo, hi)
+    dl2 = neg_a * _passes(ratio, lo, hi)
+    m = tl.where(l1 >= l2, l1, l2)
+    dm = tl.where(l1 > l2, neg_a, tl.where(l2 > l1, dl2, 0.5 * neg_a + 0.5 * dl2))
+    loss = m
+    dloss = dm
+    lower = tl.zeros_like(m)
+    if DUAL:
+        l3 = neg_a * clip_c
+        neg = adv < 0
+        lower = tl.where((m > l3) & neg, 1.0, 0.0)
+        loss = tl.where(neg & (m > l3), l3, m)
+        dloss = tl.where(neg & (m > l3), 0.0, tl.where(neg & (m == l3), 0.5 * dm, dm))
+    pg = loss * is_w
+    dpg = dloss * ratio * _passes(d, -20.0, 20.0) * is_w
+    clipped = tl.where(l2 > l1, 1.0, 0.0)
+    kl = tl.zeros_like(m)
+    dkl = tl.zeros_like(m)
+    if HAS_REF:
+        diff = lp - ref
+        if KL_BASE == 0:
+            kl = diff
+            dkl = tl.full(diff.shape, 1.0, diff.dtype)
+        elif KL_BASE == 1:
+            kl = tl.abs(diff)
+            dkl = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        elif KL_BASE == 2:
+            kl = 0.5 * (diff * diff)
+            dkl = diff
+        else:
+            x0 = ref - lp
+            x = _clamp(x0, -20.0, 20.0)
+            r = tl.exp(x)
+            v = r - x - 1.0
+            kl = _clamp(v, -10.0, 10.0)
+            dkl = -(_passes(v, -10.0, 10.0) * (r - 1.0) * _passes(x0, -20.0, 20.0))
+        if KL_STRAIGHT:
+            dkl = diff
+    return pg, dpg, kl, dkl, clipped, lower, -nk
+
+
+@triton.jit
+def _load_row(ptr, row, stride, t, inb, acc_dtype):
+    return tl.load(ptr + row * stride + t, mask=inb, other=0.0).to(acc_dtype)
+
+
+@triton.jit
+def _actor_fwd_kernel(
+    lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ent_ptr, ref_ptr, out_ptr,
+    T, s_lp, s_old, s_adv, s_m, s_isw, s_ent, s_ref,
+    lo_hi, lo_lo, hi_hi, hi_lo, c_hi, c_lo,
+    DUAL: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, HAS_REF: tl.constexpr,
+    KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    n_blk = tl.num_programs(1)
+    acc = out_ptr.dtype.element_ty
+    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = t < T
+    mt = tl.load(m_ptr + row * s_m + t, mask=inb, other=0).to(acc)
+    on = mt != 0  # masked-out tokens never contribute, even nan/inf
+    lp = _load_row(lp_ptr, row, s_lp, t, inb, acc)
+    old = _load_row(old_ptr, row, s_old, t, inb, acc)
+    adv = _load_row(adv_ptr, row, s_adv, t, inb, acc)
+    is_w = tl.full((BLOCK_T,), 1.0, acc)
+    if HAS_ISW:
+        is_w = _load_row(isw_ptr, row, s_isw, t, inb, acc)
+    ref = lp
+    if HAS_REF:
+        ref = _load_row(ref_ptr, row, s_ref, t, inb, acc)
+    lo = join_float(lo_hi, lo_lo, acc)
+    hi = join_float(hi_hi, hi_lo, acc)
+    clip_c = join_float(c_hi, c_lo, acc)
+    pg, dpg, kl, dkl, clipped, lower, nlr = _token_terms(lp, old, adv, is_w, ref, lo, hi, clip_c,
+                                                          DUAL, HAS_REF, KL_BASE, KL_STRAIGHT)
+    base = out_ptr + (row * n_blk + blk) * 7
+    tl.store(base + 0, tl.sum(mt, 0))
+    tl.store(base + 1, tl.sum(tl.where(on, mt * pg, 0.0), 0))
+    ent_sum = tl.zeros((), acc)
+    if HAS_ENT:
+        ent = _load_row(ent_ptr, row, s_ent, t, inb, acc)
+        ent_sum = tl.sum(tl.where(on, mt * ent, 0.0), 0)
+    tl.store(base + 2, ent_sum)
+    tl.store(base + 3, tl.sum(tl.where(on, mt * kl, 0.0), 0))
+    tl.store(base + 4, tl.sum(tl.where(on, mt * clipped, 0.0), 0))
+    tl.store(base + 5, tl.sum(tl.where(on, mt * lower, 0.0), 0))
+    tl.store(base + 6, tl.sum(tl.where(on, mt * nlr, 0.0), 0))
+
+
+@triton.jit
+def _actor_bwd_kernel(
+    coef_ptr, w_ptr, lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ref_ptr, grad_ptr,
+    T, s_lp, s_old, s_adv, s_m, s_isw, s_ref,
+    lo_hi, lo_lo, hi_hi, hi_lo, c_hi, c_lo,
+    DUAL: tl.constexpr, HAS_ISW: tl.constexpr, HAS_REF: tl.constexpr,
+    KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    acc = grad_ptr.dtype.element_ty
+    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = t < T
+    mt = tl.load(m_ptr + row * s_m + t, mask=inb, other=0).to(acc)
+    lp = _load_row(lp_ptr, row, s_lp, t, inb, acc)
+    old = _load_row(old_ptr, row, s_old, t, inb, acc)
+    adv = _load_row(adv_ptr, row, s_adv, t, inb, acc)
+    is_w = tl.full((BLOCK_T,), 1.0, acc)
+    if HAS_ISW:
+        is_w = _load_row(isw_ptr, row, s_isw, t, inb, acc)
+    ref = lp
+    if HAS_REF:
+        ref = _load_row(ref_ptr, row, s_ref, t, inb, acc)
+    lo = join_float(lo_hi, lo_lo, acc)
+    hi = join_float(hi_hi, hi_lo, acc)
+    clip_c = join_float(c_hi, c_lo, acc)
+    pg, dpg, kl, dkl, clipped, lower, nlr = _token_terms(lp, old, adv, is_w, ref, lo, hi, clip_c,
+                                                          DUAL, HAS_REF, KL_BASE, KL_STRAIGHT)
+    c_pg = tl.load(coef_ptr).to(acc)
+    c_kl = tl.load(coef_ptr + 1).to(acc)
+    wb = tl.load(w_ptr + row).to(acc)
+    g = c_pg * dpg
+    if HAS_REF:
+        g += c_kl * dkl
+    g = tl.where(mt != 0, wb * mt * g, 0.0)
+    tl.store(grad_ptr + row * T + t, g, mask=inb)
+
+
+def _block(T):
+    return max(16, min(1024, triton.next_power_of_2(T)))
+
+
+def _params(clip_low, clip_high, clip_c, kl_code):
+    return dict(DUAL=clip_c > 0, KL_BASE=kl_code & 3, KL_STRAIGHT=bool(kl_code & 4)), (
+        *split_float(1.0 - clip_low), *split_float(1.0 + clip_high), *split_float(clip_c))
+
+
+def _stride(x):
+    return x.stride(0) if x is not None else 0
+
+
+def actor_loss_forward(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_high, clip_c, kl_code):
+    """Per-row partial sums [B, 7] (columns of rlhfkern.ops.ppo_loss.COLUMNS)."""
+    import torch
+
+    B, T = lp.shape
+    acc = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    BLOCK_T = _block(T)
+    n_blk = triton.cdiv(T, BLOCK_T)
+    out = torch.empty((B, n_blk, N_COLUMNS), dtype=acc, device=lp.device)
+    flags, consts = _params(clip_low, clip_high, clip_c, kl_code)
+    _actor_fwd_kernel[(B, n_blk)](
+        lp, old, adv, mask, is_weights if is_weights is not None else lp, entropy if entropy is not None else lp,
+        ref if ref is not None else lp, out,
+        T, lp.stride(0), old.stride(0), adv.stride(0), mask.stride(0), _stride(is_weights), _stride(entropy),
+        _stride(ref), *consts,
+        HAS_ISW=is_weights is not None, HAS_ENT=entropy is not None, HAS_REF=ref is not None,
+        BLOCK_T=BLOCK_T, **flags,
+    )
+    return out.sum(1)
+
+
+def actor_loss_backward(coeffs, w, lp, old, adv, mask, is_weights, ref, clip_low, clip_high, clip_c, kl_code):
+    """d log_prob [B, T] for the gradient coefficients (c_pg, c_kl) and the row weights w."""
+    import torch
+
+    B, T = lp.shape
+    acc = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    BLOCK_T = _block(T)
+    grad = torch.empty((B, T), dtype=acc, device=lp.device)
+    flags, consts = _params(clip_low, clip_high, clip_c, kl_code)
+    _actor_bwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
+        coeffs.to(acc).contiguous(), w.contiguous(), lp, old, adv, mask,
+        is_weights if is_weights is not None else lp, ref if ref is not None else lp, grad,
+        T, lp.stride(0), old.stride(0), adv.stride(0), mask.stride(0), _stride(is_weights), _stride(ref),
+        *consts,
+        HAS_ISW=is_weights is not None, HAS_REF=ref is not None, BLOCK_T=BLOCK_T, **flags,
+    )
+    return grad
