@@ -14,6 +14,10 @@ TORCH_LIBRARY(rlhfkern, m) {
   m.def("actor_loss_bwd(Tensor coeffs, Tensor w, Tensor log_prob, Tensor old_log_prob, Tensor advantages, "
         "Tensor mask, Tensor? is_weights, Tensor? ref_log_prob, float clip_low, float clip_high, "
         "float clip_c, int kl_code) -> Tensor");
+  m.def("value_loss_fwd(Tensor vpreds, Tensor returns, Tensor old_values, Tensor mask, float clip) -> Tensor");
+  m.def("value_loss_bwd(Tensor coeff, Tensor w, Tensor vpreds, Tensor returns, Tensor old_values, Tensor mask, "
+        "float clip) -> Tensor");
+  m.def("kl_penalty_fwd(Tensor log_prob, Tensor ref_log_prob, int kl_code) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -46,6 +46,55 @@ RLHFKERN_HD acc_t clamp_pass(acc_t x, acc_t lo, acc_t hi) {
   return (x >= lo && x <= hi) ? acc_t(1) : acc_t(0);
 }
 
+// The KL estimate of (lp, ref) and its derivative w.r.t. lp (w.r.t. ref it is the negative).
+template <typename acc_t>
+RLHFKERN_HD void kl_terms(acc_t lp, acc_t ref, int base, bool straight, acc_t* kl, acc_t* dkl) {
+  const acc_t diff = lp - ref;
+  switch (base) {
+    case 0:
+      *kl = diff, *dkl = 1;
+      break;
+    case 1:
+      *kl = fabs(diff), *dkl = diff > 0 ? acc_t(1) : (diff < 0 ? acc_t(-1) : acc_t(0));
+      break;
+    case 2:
+      *kl = acc_t(0.5) * (diff * diff), *dkl = diff;
+      break;
+    default: {
+      const acc_t x0 = ref - lp;
+      const acc_t x = clamp_value(x0, acc_t(-20), acc_t(20));
+      const acc_t r = exp(x);
+      const acc_t v = r - x - acc_t(1);
+      *kl = clamp_value(v, acc_t(-10), acc_t(10));
+      *dkl = -(clamp_pass(v, acc_t(-10), acc_t(10)) * (r - acc_t(1)) * clamp_pass(x0, acc_t(-20), acc_t(20)));
+    }
+  }
+  if (straight) *dkl = diff;
+}
+
+// Clipped value loss of one token (verl compute_value_loss, before the 0.5 and the aggregation):
+//   vc = max(min(v, old + clip), old - clip),  L = max((v - R)^2, (vc - R)^2)
+// with d L / d v under PyTorch's tie rules (binary min/max split the gradient in halves).
+template <typename acc_t>
+RLHFKERN_HD void value_terms(acc_t v, acc_t ret, acc_t old, acc_t clip, acc_t* loss, acc_t* dloss, acc_t* clipped) {
+  const acc_t up = old + clip, down = old - clip;
+  const acc_t u = v < up ? v : (v > up ? up : v);
+  const acc_t du = v < up ? acc_t(1) : (v > up ? acc_t(0) : acc_t(0.5));
+  const acc_t vc = u > down ? u : (u < down ? down : u);
+  const acc_t dvc = (u > down ? acc_t(1) : (u < down ? acc_t(0) : acc_t(0.5))) * du;
+  const acc_t e1 = v - ret, e2 = vc - ret;
+  const acc_t l1 = e1 * e1, l2 = e2 * e2;
+  const acc_t d1 = acc_t(2) * e1, d2 = acc_t(2) * e2 * dvc;
+  if (l1 > l2) {
+    *loss = l1, *dloss = d1;
+  } else if (l2 > l1) {
+    *loss = l2, *dloss = d2;
+  } else {
+    *loss = l1, *dloss = acc_t(0.5) * d1 + acc_t(0.5) * d2;
+  }
+  *clipped = l2 > l1 ? acc_t(1) : acc_t(0);
+}
+
 template <typename acc_t>
 RLHFKERN_HD TokenTerms<acc_t> token_terms(acc_t lp, acc_t old, acc_t adv, acc_t is_w, acc_t ref, bool has_ref,
                                           const TokenParams<acc_t>& p) {
@@ -84,29 +133,7 @@ RLHFKERN_HD TokenTerms<acc_t> token_terms(acc_t lp, acc_t old, acc_t adv, acc_t 
   k.clipped_lower = lower;
   k.neg_log_ratio = -nk;
   k.kl = k.dkl = 0;
-  if (has_ref) {
-    const acc_t diff = lp - ref;
-    switch (p.kl_base) {
-      case 0:
-        k.kl = diff, k.dkl = 1;
-        break;
-      case 1:
-        k.kl = fabs(diff), k.dkl = diff > 0 ? acc_t(1) : (diff < 0 ? acc_t(-1) : acc_t(0));
-        break;
-      case 2:
-        k.kl = acc_t(0.5) * (diff * diff), k.dkl = diff;
-        break;
-      default: {
-        const acc_t x0 = ref - lp;
-        const acc_t x = clamp_value(x0, acc_t(-20), acc_t(20));
-        const acc_t r = exp(x);
-        const acc_t v = r - x - acc_t(1);
-        k.kl = clamp_value(v, acc_t(-10), acc_t(10));
-        k.dkl = -(clamp_pass(v, acc_t(-10), acc_t(10)) * (r - acc_t(1)) * clamp_pass(x0, acc_t(-20), acc_t(20)));
-      }
-    }
-    if (p.kl_straight) k.dkl = diff;
-  }
+  if (has_ref) kl_terms(lp, ref, p.kl_base, p.kl_straight, &k.kl, &k.dkl);
   return k;
 }
 

@@ -81,8 +81,9 @@ def backends():
     return [b for b in BACKENDS if any(why_unavailable(b, d) is None for d in device_types)]
 
 
-def resolve(backend, device):
-    """The concrete backend an op runs for `backend` (None/"auto"/name) on tensors on `device`."""
+def resolve(backend, device, op_backends=BACKENDS):
+    """The concrete backend an op runs for `backend` (None/"auto"/name) on tensors on `device`.
+    `op_backends`: the backends the op has (an op without a CUDA kernel runs Triton on GPUs)."""
     if backend is None:
         backend = os.environ.get(ENV_VAR) or "auto"
     if backend != "auto" and backend not in BACKENDS:
@@ -90,7 +91,9 @@ def resolve(backend, device):
     device_type = torch.device(device).type
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device_type == "cuda" else ("cpu", "torch")
-        return next(b for b in order if why_unavailable(b, device_type) is None)
+        return next(b for b in order if b in op_backends and why_unavailable(b, device_type) is None)
+    if backend not in op_backends:
+        raise ValueError(f"backend {backend!r} is not available for this op: it has {op_backends}")
     reason = why_unavailable(backend, device_type)
     if reason is not None:
         raise ValueError(f"backend {backend!r} is not available: {reason}")

@@ -27,6 +27,51 @@ def _passes(x, lo, hi):
 
 
 @triton.jit
+def _kl_terms(lp, ref, KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr):
+    """The KL estimate and its derivative w.r.t. lp (w.r.t. ref it is the negative)."""
+    diff = lp - ref
+    if KL_BASE == 0:
+        kl = diff
+        dkl = tl.full(diff.shape, 1.0, diff.dtype)
+    elif KL_BASE == 1:
+        kl = tl.abs(diff)
+        dkl = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    elif KL_BASE == 2:
+        kl = 0.5 * (diff * diff)
+        dkl = diff
+    else:
+        x0 = ref - lp
+        x = _clamp(x0, -20.0, 20.0)
+        r = tl.exp(x)
+        v = r - x - 1.0
+        kl = _clamp(v, -10.0, 10.0)
+        dkl = -(_passes(v, -10.0, 10.0) * (r - 1.0) * _passes(x0, -20.0, 20.0))
+    if KL_STRAIGHT:
+        dkl = diff
+    return kl, dkl
+
+
+@triton.jit
+def _value_terms(v, ret, old, clip):
+    """Clipped value loss of a token (before 0.5 and aggregation) and d/dv, PyTorch's tie rules."""
+    up = old + clip
+    down = old - clip
+    u = tl.where(v > up, up, v)
+    du = tl.where(v < up, 1.0, tl.where(v > up, 0.0, 0.5))
+    vc = tl.where(u < down, down, u)
+    dvc = tl.where(u > down, 1.0, tl.where(u < down, 0.0, 0.5)) * du
+    e1 = v - ret
+    e2 = vc - ret
+    l1 = e1 * e1
+    l2 = e2 * e2
+    d1 = 2.0 * e1
+    d2 = 2.0 * e2 * dvc
+    loss = tl.where(l2 > l1, l2, l1)
+    dloss = tl.where(l1 > l2, d1, tl.where(l2 > l1, d2, 0.5 * d1 + 0.5 * d2))
+    return loss, dloss, tl.where(l2 > l1, 1.0, 0.0)
+
+
+@triton.jit
 def _token_terms(lp, old, adv, is_w, ref, lo, hi, clip_c,
                  DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr):
     d = lp - old
@@ -53,25 +98,7 @@ def _token_terms(lp, old, adv, is_w, ref, lo, hi, clip_c,
     kl = tl.zeros_like(m)
     dkl = tl.zeros_like(m)
     if HAS_REF:
-        diff = lp - ref
-        if KL_BASE == 0:
-            kl = diff
-            dkl = tl.full(diff.shape, 1.0, diff.dtype)
-        elif KL_BASE == 1:
-            kl = tl.abs(diff)
-            dkl = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-        elif KL_BASE == 2:
-            kl = 0.5 * (diff * diff)
-            dkl = diff
-        else:
-            x0 = ref - lp
-            x = _clamp(x0, -20.0, 20.0)
-            r = tl.exp(x)
-            v = r - x - 1.0
-            kl = _clamp(v, -10.0, 10.0)
-            dkl = -(_passes(v, -10.0, 10.0) * (r - 1.0) * _passes(x0, -20.0, 20.0))
-        if KL_STRAIGHT:
-            dkl = diff
+        kl, dkl = _kl_terms(lp, ref, KL_BASE, KL_STRAIGHT)
     return pg, dpg, kl, dkl, clipped, lower, -nk
 
 
@@ -162,6 +189,47 @@ def _actor_bwd_kernel(
     tl.store(grad_ptr + row * T + t, g, mask=inb)
 
 
+@triton.jit
+def _value_kernel(
+    v_ptr, r_ptr, o_ptr, m_ptr, out_ptr, w_ptr, coef_ptr, grad_ptr,
+    T, s_v, s_r, s_o, s_m, clip_hi, clip_lo,
+    BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Forward: block sums (count, m*L, m*clipped) into out; backward: d vpreds into grad."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    acc = out_ptr.dtype.element_ty
+    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = t < T
+    mt = tl.load(m_ptr + row * s_m + t, mask=inb, other=0).to(acc)
+    on = mt != 0
+    v = _load_row(v_ptr, row, s_v, t, inb, acc)
+    r = _load_row(r_ptr, row, s_r, t, inb, acc)
+    o = _load_row(o_ptr, row, s_o, t, inb, acc)
+    loss, dloss, clipped = _value_terms(v, r, o, join_float(clip_hi, clip_lo, acc))
+    if BACKWARD:
+        c = tl.load(coef_ptr).to(acc) * tl.load(w_ptr + row).to(acc)
+        tl.store(grad_ptr + row * T + t, tl.where(on, c * mt * dloss, 0.0), mask=inb)
+    else:
+        base = out_ptr + (row * tl.num_programs(1) + blk) * 3
+        tl.store(base + 0, tl.sum(mt, 0))
+        tl.store(base + 1, tl.sum(tl.where(on, mt * loss, 0.0), 0))
+        tl.store(base + 2, tl.sum(tl.where(on, mt * clipped, 0.0), 0))
+
+
+@triton.jit
+def _kl_kernel(lp_ptr, ref_ptr, kl_ptr, dkl_ptr, T, s_lp, s_ref,
+               KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = t < T
+    acc = kl_ptr.dtype.element_ty
+    kl, dkl = _kl_terms(_load_row(lp_ptr, row, s_lp, t, inb, acc), _load_row(ref_ptr, row, s_ref, t, inb, acc),
+                        KL_BASE, KL_STRAIGHT)
+    tl.store(kl_ptr + row * T + t, kl, mask=inb)
+    tl.store(dkl_ptr + row * T + t, dkl, mask=inb)
+
+
 def _block(T):
     return max(16, min(1024, triton.next_power_of_2(T)))
 
@@ -175,12 +243,12 @@ def _stride(x):
     return x.stride(0) if x is not None else 0
 
 
-def actor_loss_forward(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_high, clip_c, kl_code):
+def actor_loss_fwd(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_high, clip_c, kl_code):
     """Per-row partial sums [B, 7] (columns of rlhfkern.ops.ppo_loss.COLUMNS)."""
     import torch
 
     B, T = lp.shape
-    acc = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    acc = _acc(lp)
     BLOCK_T = _block(T)
     n_blk = triton.cdiv(T, BLOCK_T)
     out = torch.empty((B, n_blk, N_COLUMNS), dtype=acc, device=lp.device)
@@ -196,12 +264,12 @@ def actor_loss_forward(lp, old, adv, mask, is_weights, entropy, ref, clip_low, c
     return out.sum(1)
 
 
-def actor_loss_backward(coeffs, w, lp, old, adv, mask, is_weights, ref, clip_low, clip_high, clip_c, kl_code):
+def actor_loss_bwd(coeffs, w, lp, old, adv, mask, is_weights, ref, clip_low, clip_high, clip_c, kl_code):
     """d log_prob [B, T] for the gradient coefficients (c_pg, c_kl) and the row weights w."""
     import torch
 
     B, T = lp.shape
-    acc = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    acc = _acc(lp)
     BLOCK_T = _block(T)
     grad = torch.empty((B, T), dtype=acc, device=lp.device)
     flags, consts = _params(clip_low, clip_high, clip_c, kl_code)
@@ -213,3 +281,48 @@ def actor_loss_backward(coeffs, w, lp, old, adv, mask, is_weights, ref, clip_low
         HAS_ISW=is_weights is not None, HAS_REF=ref is not None, BLOCK_T=BLOCK_T, **flags,
     )
     return grad
+
+
+def _acc(x):
+    import torch
+
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def value_loss_fwd(v, ret, old, mask, clip):
+    """Per-row (count, sum m*L, sum m*clipped) [B, 3]."""
+    import torch
+
+    B, T = v.shape
+    BLOCK_T = _block(T)
+    n_blk = triton.cdiv(T, BLOCK_T)
+    out = torch.empty((B, n_blk, 3), dtype=_acc(v), device=v.device)
+    _value_kernel[(B, n_blk)](v, ret, old, mask, out, out, out, out, T, v.stride(0), ret.stride(0),
+                              old.stride(0), mask.stride(0), *split_float(clip), BACKWARD=False, BLOCK_T=BLOCK_T)
+    return out.sum(1)
+
+
+def value_loss_bwd(coeff, w, v, ret, old, mask, clip):
+    """d vpreds [B, T] = coeff * w_b * m * dL/dv."""
+    import torch
+
+    B, T = v.shape
+    BLOCK_T = _block(T)
+    grad = torch.empty((B, T), dtype=_acc(v), device=v.device)
+    _value_kernel[(B, triton.cdiv(T, BLOCK_T))](
+        v, ret, old, mask, grad, w.contiguous(), coeff.to(grad.dtype).contiguous(), grad, T, v.stride(0),
+        ret.stride(0), old.stride(0), mask.stride(0), *split_float(clip), BACKWARD=True, BLOCK_T=BLOCK_T)
+    return grad
+
+
+def kl_penalty_fwd(lp, ref, kl_code):
+    """(kl, d kl / d lp), [B, T] each."""
+    import torch
+
+    B, T = lp.shape
+    BLOCK_T = _block(T)
+    kl = torch.empty((B, T), dtype=_acc(lp), device=lp.device)
+    dkl = torch.empty_like(kl)
+    _kl_kernel[(B, triton.cdiv(T, BLOCK_T))](lp, ref, kl, dkl, T, lp.stride(0), ref.stride(0),
+                                             KL_BASE=kl_code & 3, KL_STRAIGHT=bool(kl_code & 4), BLOCK_T=BLOCK_T)
+    return kl, dkl

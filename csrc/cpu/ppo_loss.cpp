@@ -167,11 +167,131 @@ at::Tensor actor_loss_bwd_cpu(const at::Tensor& coeffs, const at::Tensor& w, con
   return grad;
 }
 
+
+// ---- value loss: per-row (count, m*L, m*clipped) forward; d vpreds = c w_b m dL/dv backward
+template <typename val_t, typename mask_t, typename acc_t>
+void value_impl(const at::Tensor& v, const at::Tensor& ret, const at::Tensor& old, const at::Tensor& mask,
+                acc_t clip, acc_t* partial, const acc_t* w, acc_t coeff, acc_t* grad) {
+  const int64_t B = v.size(0), T = v.size(1);
+  const val_t *pv = v.data_ptr<val_t>(), *pr = ret.data_ptr<val_t>(), *po = old.data_ptr<val_t>();
+  const mask_t* pm = mask.data_ptr<mask_t>();
+  const int64_t sv = v.stride(0), sr = ret.stride(0), so = old.stride(0), sm = mask.stride(0);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      acc_t count = 0, sum = 0, clipped = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const acc_t mt = static_cast<acc_t>(pm[b * sm + t]);
+        if (mt == acc_t(0)) {
+          if (grad) grad[b * T + t] = acc_t(0);
+          continue;
+        }
+        acc_t l, dl, c;
+        value_terms<acc_t>(static_cast<acc_t>(pv[b * sv + t]), static_cast<acc_t>(pr[b * sr + t]),
+                           static_cast<acc_t>(po[b * so + t]), clip, &l, &dl, &c);
+        if (grad) {
+          grad[b * T + t] = coeff * w[b] * mt * dl;
+        } else {
+          count += mt, sum += mt * l, clipped += mt * c;
+        }
+      }
+      if (partial) partial[b * 3] = count, partial[b * 3 + 1] = sum, partial[b * 3 + 2] = clipped;
+    }
+  });
+}
+
+void check_value_inputs(const at::Tensor& v, const at::Tensor& ret, const at::Tensor& old, const at::Tensor& mask) {
+  const auto dev = c10::DeviceType::CPU;
+  check_rows(v, "vpreds", v, dev);
+  check_rows(ret, "returns", v, dev);
+  check_rows(old, "old_values", v, dev);
+  check_rows(mask, "mask", v, dev);
+  TORCH_CHECK(ret.scalar_type() == v.scalar_type() && old.scalar_type() == v.scalar_type(),
+              "vpreds, returns and old_values must share one dtype");
+}
+
+template <typename F>
+void dispatch_value_types(const at::Tensor& v, const at::Tensor& mask, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "value_loss_cpu", [&] {
+    using val_t = scalar_t;
+    AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "value_loss_cpu_mask", [&] {
+      using mask_t = scalar_t;
+      if (v.scalar_type() == at::kDouble) {
+        f(val_t{}, mask_t{}, double{});
+      } else {
+        f(val_t{}, mask_t{}, float{});
+      }
+    });
+  });
+}
+
+at::Tensor value_loss_fwd_cpu(const at::Tensor& v, const at::Tensor& ret, const at::Tensor& old,
+                              const at::Tensor& mask, double clip) {
+  check_value_inputs(v, ret, old, mask);
+  auto out = at::zeros({v.size(0), 3}, v.options().dtype(acc_type(v.scalar_type())));
+  if (v.numel() == 0) return out;
+  dispatch_value_types(v, mask, [&](auto vt, auto mk, auto a) {
+    using acc_t = decltype(a);
+    value_impl<decltype(vt), decltype(mk), acc_t>(v, ret, old, mask, static_cast<acc_t>(clip),
+                                                   out.data_ptr<acc_t>(), nullptr, acc_t(0), nullptr);
+  });
+  return out;
+}
+
+at::Tensor value_loss_bwd_cpu(const at::Tensor& coeff, const at::Tensor& w, const at::Tensor& v,
+                              const at::Tensor& ret, const at::Tensor& old, const at::Tensor& mask, double clip) {
+  check_value_inputs(v, ret, old, mask);
+  const auto acc = acc_type(v.scalar_type());
+  TORCH_CHECK(coeff.numel() == 1 && coeff.device().is_cpu(), "coeff must be one CPU value");
+  TORCH_CHECK(w.numel() == v.size(0) && w.scalar_type() == acc && w.is_contiguous() && w.device().is_cpu(),
+              "w must hold one CPU weight per row of the accumulation dtype");
+  auto grad = at::empty(v.sizes(), v.options().dtype(acc));
+  if (v.numel() == 0) return grad;
+  dispatch_value_types(v, mask, [&](auto vt, auto mk, auto a) {
+    using acc_t = decltype(a);
+    value_impl<decltype(vt), decltype(mk), acc_t>(v, ret, old, mask, static_cast<acc_t>(clip), nullptr,
+                                                   w.data_ptr<acc_t>(), coeff.item<acc_t>(), grad.data_ptr<acc_t>());
+  });
+  return grad;
+}
+
+// ---- KL penalty, elementwise over [B, T] rows: (kl, d kl / d log_prob)
+std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(const at::Tensor& lp, const at::Tensor& ref, int64_t kl_code) {
+  check_rows(lp, "log_prob", lp, c10::DeviceType::CPU);
+  check_rows(ref, "ref_log_prob", lp, c10::DeviceType::CPU);
+  TORCH_CHECK(ref.scalar_type() == lp.scalar_type(), "ref_log_prob must have the dtype of log_prob");
+  const auto acc = acc_type(lp.scalar_type());
+  auto kl = at::empty(lp.sizes(), lp.options().dtype(acc));
+  auto dkl = at::empty(lp.sizes(), lp.options().dtype(acc));
+  const int64_t B = lp.size(0), T = lp.size(1);
+  if (lp.numel() == 0) return {kl, dkl};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "kl_penalty_cpu", [&] {
+    using val_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(acc, "kl_penalty_cpu_acc", [&] {
+      using acc_t = scalar_t;
+      const val_t *pl = lp.data_ptr<val_t>(), *pr = ref.data_ptr<val_t>();
+      acc_t *pk = kl.data_ptr<acc_t>(), *pd = dkl.data_ptr<acc_t>();
+      const int64_t sl = lp.stride(0), sr = ref.stride(0);
+      const int base = static_cast<int>(kl_code & 3);
+      const bool straight = (kl_code & 4) != 0;
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t t = 0; t < T; ++t)
+            kl_terms<acc_t>(static_cast<acc_t>(pl[b * sl + t]), static_cast<acc_t>(pr[b * sr + t]), base, straight,
+                            &pk[b * T + t], &pd[b * T + t]);
+      });
+    });
+  });
+  return {kl, dkl};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhfkern, CPU, m) {
   m.impl("actor_loss_fwd", &actor_loss_fwd_cpu);
   m.impl("actor_loss_bwd", &actor_loss_bwd_cpu);
+  m.impl("value_loss_fwd", &value_loss_fwd_cpu);
+  m.impl("value_loss_bwd", &value_loss_bwd_cpu);
+  m.impl("kl_penalty_fwd", &kl_penalty_cpu);
 }
 
 }  // namespace rlhfkern

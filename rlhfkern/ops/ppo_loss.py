@@ -242,12 +242,16 @@ def _row_weights(partials, agg, T, dp_size, batch_num_tokens, global_batch_size,
     return w
 
 
-def _kernels(backend):
+OP_BACKENDS = ("torch", "cpu", "triton")  # no CUDA kernel: Triton serves GPUs
+
+
+def _kernel(name, backend):
+    """The kernel `name` (actor_loss_fwd, value_loss_bwd, ...) of a compiled backend."""
     if backend == "triton":
         from ..triton_kernels import ppo_loss as kernels
 
-        return kernels.actor_loss_forward, kernels.actor_loss_backward
-    return torch.ops.rlhfkern.actor_loss_fwd, torch.ops.rlhfkern.actor_loss_bwd
+        return getattr(kernels, name)
+    return getattr(torch.ops.rlhfkern, name)
 
 
 @torch.library.custom_op("rlhfkern::actor_loss", mutates_args=())
@@ -259,8 +263,7 @@ def _actor_loss_op(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage
                    loss_scale_factor: float | None, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (losses [4] = total, pg, entropy, kl; metrics [3] = clipfrac, clipfrac_lower,
     ppo_kl; row weights w_b [B])."""
-    forward, _ = _kernels(backend)
-    partials = forward(log_prob, old_log_prob, advantages, mask, is_weights, entropy, ref_log_prob,
+    partials = _kernel("actor_loss_fwd", backend)(log_prob, old_log_prob, advantages, mask, is_weights, entropy, ref_log_prob,
                        clip_low, clip_high, clip_c, kl_code)
     w = _row_weights(partials, agg, log_prob.shape[-1], dp_size, batch_num_tokens, global_batch_size,
                      loss_scale_factor)
@@ -289,11 +292,10 @@ def _actor_loss_backward_op(grad_losses: torch.Tensor, w: torch.Tensor, log_prob
     """(d log_prob, d entropy) from the gradients of (total, pg, entropy, kl)."""
     g_total, g_pg, g_ent, g_kl = grad_losses.unbind(0)
     coeffs = torch.stack([g_total + g_pg, kl_coef * g_total + g_kl]).to(w.dtype)  # for dpg, dkl
-    _, backward = _kernels(backend)
-    grad_lp = backward(coeffs, w, log_prob, old_log_prob, advantages, mask, is_weights, ref_log_prob,
+    grad_lp = _kernel("actor_loss_bwd", backend)(coeffs, w, log_prob, old_log_prob, advantages, mask, is_weights, ref_log_prob,
                        clip_low, clip_high, clip_c, kl_code)
-    on = (mask != 0).to(w.dtype)
-    grad_ent = (g_ent - entropy_coeff * g_total).to(w.dtype) * w[:, None] * mask.to(w.dtype) * on
+    coeff = (g_ent - entropy_coeff * g_total).to(w.dtype)
+    grad_ent = torch.where(mask != 0, coeff * w[:, None] * mask.to(w.dtype), 0.0)
     return grad_lp, grad_ent
 
 
@@ -349,7 +351,7 @@ def actor_loss(log_prob, old_log_prob, advantages, mask, *, entropy=None, ref_lo
     loss_scale_factor = _number(loss_scale_factor, "loss_scale_factor")
     entropy_coeff = _number(entropy_coeff, "entropy_coeff")
     kl_coef = _number(kl_coef, "kl_coef")
-    which = _dispatch.resolve(backend, log_prob.device)
+    which = _dispatch.resolve(backend, log_prob.device, OP_BACKENDS)
     if which == "torch":
         return actor_loss_reference(
             log_prob, old_log_prob, advantages, mask, entropy=entropy, ref_log_prob=ref_log_prob,
@@ -386,3 +388,135 @@ def _rows2d(x, shape):
     """[..., T] -> [rows, T] with unit stride along T (a copy only when needed)."""
     x = x.reshape(-1, shape[-1]) if x.dim() != 2 else x
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- value loss
+@torch.library.custom_op("rlhfkern::value_loss", mutates_args=())
+def _value_loss_op(vpreds: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor, mask: torch.Tensor,
+                   clip: float, agg: str, dp_size: int, batch_num_tokens: float | None,
+                   global_batch_size: float | None, loss_scale_factor: float | None,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ([loss, clipfrac], row weights w_b [B])."""
+    partials = _kernel("value_loss_fwd", backend)(vpreds, returns, old_values, mask, clip)
+    w = _row_weights(partials, agg, vpreds.shape[-1], dp_size, batch_num_tokens, global_batch_size,
+                     loss_scale_factor)
+    loss = 0.5 * (w * partials[:, 1]).sum()
+    clipfrac = partials[:, 2].sum() / (partials[:, 0].sum() + MEAN_EPS)
+    return torch.stack([loss, clipfrac]), w
+
+
+@_value_loss_op.register_fake
+def _(vpreds, returns, old_values, mask, clip, agg, dp_size, batch_num_tokens, global_batch_size,
+      loss_scale_factor, backend):
+    acc = _acc(vpreds)
+    return vpreds.new_empty(2, dtype=acc), vpreds.new_empty(vpreds.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("rlhfkern::value_loss_backward", mutates_args=())
+def _value_loss_backward_op(grad_loss: torch.Tensor, w: torch.Tensor, vpreds: torch.Tensor,
+                            returns: torch.Tensor, old_values: torch.Tensor, mask: torch.Tensor, clip: float,
+                            backend: str) -> torch.Tensor:
+    coeff = (0.5 * grad_loss).reshape(1).to(w.dtype)
+    return _kernel("value_loss_bwd", backend)(coeff, w, vpreds, returns, old_values, mask, clip)
+
+
+@_value_loss_backward_op.register_fake
+def _(grad_loss, w, vpreds, returns, old_values, mask, clip, backend):
+    return vpreds.new_empty(vpreds.shape, dtype=_acc(vpreds))
+
+
+def _value_setup_context(ctx, inputs, output):
+    vpreds, returns, old_values, mask, clip, *_, backend = inputs
+    ctx.save_for_backward(vpreds, returns, old_values, mask, output[1])
+    ctx.args = (clip, backend)
+
+
+def _value_backward(ctx, grad_out, grad_w):
+    vpreds, returns, old_values, mask, w = ctx.saved_tensors
+    grad = _value_loss_backward_op(grad_out[0], w, vpreds, returns, old_values, mask, *ctx.args)
+    return (grad.to(vpreds.dtype),) + (None,) * 10
+
+
+torch.library.register_autograd("rlhfkern::value_loss", _value_backward, setup_context=_value_setup_context)
+
+
+def value_loss(vpreds, returns, old_values, mask, *, clip=0.5, agg="token-mean", dp_size=1, batch_num_tokens=None,
+               global_batch_size=None, loss_scale_factor=None, backend=None):
+    """Clipped value loss (verl compute_value_loss), fused: returns (loss, clipfrac), 0-d tensors.
+
+    loss = 0.5 agg(max((v - R)^2, (clip_by_value(v, V - clip, V + clip) - R)^2)), differentiable
+    w.r.t. vpreds; clipfrac = mean over the mask of [clipped error > unclipped error].
+    """
+    _check_token_inputs(vpreds, dict(returns=returns, old_values=old_values), mask)
+    _check_agg(agg, dp_size, batch_num_tokens, global_batch_size)
+    if not isinstance(clip, numbers.Real) or not clip >= 0:
+        raise ValueError(f"clip must be a non-negative number, got {clip!r}")
+    batch_num_tokens = _number(batch_num_tokens, "batch_num_tokens")
+    global_batch_size = _number(global_batch_size, "global_batch_size")
+    loss_scale_factor = _number(loss_scale_factor, "loss_scale_factor")
+    which = _dispatch.resolve(backend, vpreds.device, OP_BACKENDS)
+    if which == "torch":
+        return value_loss_reference(vpreds, returns, old_values, mask, clip=clip, agg=agg, dp_size=dp_size,
+                                    batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                                    loss_scale_factor=loss_scale_factor)
+    common = _common_dtype(vpreds, returns, old_values)
+    shape = vpreds.shape
+    out, _ = _value_loss_op(_rows2d(vpreds.to(common), shape), _rows2d(returns.to(common), shape),
+                            _rows2d(old_values.to(common), shape), _rows2d(mask, shape), float(clip), agg,
+                            int(dp_size), batch_num_tokens, global_batch_size, loss_scale_factor, which)
+    return out[0], out[1].detach()
+
+
+# ----------------------------------------------------------------------------- KL penalty
+@torch.library.custom_op("rlhfkern::kl_penalty", mutates_args=())
+def _kl_penalty_op(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kl_code: int,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl, d kl / d log_prob), computed in one pass."""
+    return _kernel("kl_penalty_fwd", backend)(log_prob, ref_log_prob, kl_code)
+
+
+@_kl_penalty_op.register_fake
+def _(log_prob, ref_log_prob, kl_code, backend):
+    acc = _acc(log_prob)
+    return log_prob.new_empty(log_prob.shape, dtype=acc), log_prob.new_empty(log_prob.shape, dtype=acc)
+
+
+def _kl_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _kl_backward(ctx, grad_kl, grad_dkl):
+    (dkl,) = ctx.saved_tensors
+    g = grad_kl * dkl
+    return g.to(ctx.dtypes[0]), (-g).to(ctx.dtypes[1]), None, None
+
+
+torch.library.register_autograd("rlhfkern::kl_penalty", _kl_backward, setup_context=_kl_setup_context)
+
+
+def kl_penalty(log_prob, ref_log_prob, kind="low_var_kl", *, backend=None):
+    """Per-token KL estimate (verl kl_penalty): kinds k1/kl, abs, k2/mse, k3/low_var_kl, each
+    with an optional "+" (value of the kind, gradient of k2). Output float32 (float64 for
+    float64 inputs), differentiable w.r.t. both arguments. Formulas: this module's docstring."""
+    _check_tensor(log_prob, "log_prob", None, None)
+    _check_tensor(ref_log_prob, "ref_log_prob", log_prob, "log_prob")
+    base, straight = _parse_kl(kind)
+    which = _dispatch.resolve(backend, log_prob.device, OP_BACKENDS)
+    if which == "torch" or log_prob.numel() == 0:
+        acc = _acc(log_prob, ref_log_prob)
+        return kl_penalty_reference(log_prob.to(acc), ref_log_prob.to(acc), kind)
+    common = _common_dtype(log_prob, ref_log_prob)
+    shape = log_prob.shape
+    flat = (lambda x: _rows2d(x.to(common), shape)) if log_prob.dim() > 0 else (lambda x: x.to(common).reshape(1, 1))
+    kl, _ = _kl_penalty_op(flat(log_prob), flat(ref_log_prob), base + 4 * int(straight), which)
+    return kl.reshape(shape)
+
+
+def _common_dtype(*tensors):
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
