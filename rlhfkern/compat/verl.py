@@ -1,14 +1,20 @@
 """Drop-in replacements for verl 0.9.1 functions: same signatures, same results.
 
-    from rlhfkern.compat.verl import compute_gae_advantage_return, masked_whiten
+    from rlhfkern.compat.verl import compute_gae_advantage_return, compute_policy_loss_vanilla
 
 Differences, all deliberate: outputs are float32 for bf16/fp16 inputs (verl computes in the
-input dtype), and a bool response_mask is accepted (verl's `1 - mask` rejects it).
+input dtype); a bool response_mask is accepted (verl's `1 - mask` rejects it); masked-out tokens
+never reach a loss, also in the seq-mean modes (verl's `loss * mask` there turns a nan/inf log-prob
+of a padding token into a nan loss); a torch.Tensor `index` groups rows by value (verl's dict keys
+would be the tensor elements' identities, never equal).
 """
 
+import numpy as np
 import torch
 
+from ..ops import advantages as _adv
 from ..ops import gae as _gae
+from ..ops import ppo_loss as _pl
 
 
 def _check_count(mask):
@@ -20,6 +26,7 @@ def _check_count(mask):
         raise ValueError("The sum of the mask is one, which can cause a division by zero.")
 
 
+# ----------------------------------------------------------------------------- GAE family
 def masked_whiten(values, mask, shift_mean=True):
     """verl.utils.torch_functional.masked_whiten: result in the dtype of `values`."""
     _check_count(mask)
@@ -31,3 +38,112 @@ def compute_gae_advantage_return(token_level_rewards, values, response_mask, gam
     with torch.no_grad():
         _check_count(response_mask)
         return _gae.gae(token_level_rewards, values, response_mask, gamma, lam, whiten=True)
+
+
+# ----------------------------------------------------------------------------- policy / value loss
+def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+             loss_scale_factor=None):
+    """verl agg_loss (differentiable w.r.t. loss_mat)."""
+    return _pl.agg_loss_reference(loss_mat, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+                                  loss_scale_factor)
+
+
+def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=None, cliprange_low=None,
+                        cliprange_high=None, clip_ratio_c=3.0, loss_agg_mode="token-mean"):
+    """The deprecated positional form: (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower) tensors."""
+    low = cliprange_low if cliprange_low is not None else cliprange
+    high = cliprange_high if cliprange_high is not None else cliprange
+    loss, m = _pl.ppo_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=low, clip_high=high,
+                           clip_c=clip_ratio_c, agg=loss_agg_mode)
+    return loss, m["pg_clipfrac"], m["ppo_kl"], m["pg_clipfrac_lower"]
+
+
+def _field(config, name, default=None):
+    if hasattr(config, "get"):
+        try:
+            return config.get(name, default)
+        except TypeError:
+            pass
+    return getattr(config, name, default)
+
+
+def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                config=None, rollout_is_weights=None):
+    """verl compute_policy_loss_vanilla: (pg_loss, {"actor/pg_clipfrac": float, ...}).
+
+    `config`: verl's ActorConfig or any object (or dict) with its fields clip_ratio,
+    clip_ratio_low, clip_ratio_high, clip_ratio_c and global_batch_info.
+    """
+    if config is None:
+        raise ValueError("config is required (verl's ActorConfig or an object with the same fields)")
+    clip = _field(config, "clip_ratio")
+    low = _field(config, "clip_ratio_low")
+    high = _field(config, "clip_ratio_high")
+    batch = dict(_field(config, "global_batch_info", None) or {})
+    loss, m = _pl.ppo_loss(log_prob, old_log_prob, advantages, response_mask,
+                           clip_low=low if low is not None else clip, clip_high=high if high is not None else clip,
+                           clip_c=_field(config, "clip_ratio_c", 3.0), agg=loss_agg_mode, is_weights=rollout_is_weights,
+                           dp_size=batch.get("dp_size", 1), batch_num_tokens=batch.get("batch_num_tokens"),
+                           global_batch_size=batch.get("global_batch_size"),
+                           loss_scale_factor=batch.get("loss_scale_factor"))
+    metrics = {  # verl reads them back to the host, so does the drop-in
+        "actor/pg_clipfrac": m["pg_clipfrac"].item(),
+        "actor/ppo_kl": m["ppo_kl"].item(),
+        "actor/pg_clipfrac_lower": m["pg_clipfrac_lower"].item(),
+    }
+    return loss, metrics
+
+
+def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean", dp_size=1,
+                       batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+    """verl compute_value_loss: (vf_loss, vf_clipfrac)."""
+    return _pl.value_loss(vpreds, returns, values, response_mask, clip=cliprange_value, agg=loss_agg_mode,
+                          dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                          loss_scale_factor=loss_scale_factor)
+
+
+def kl_penalty(logprob, ref_logprob, kl_penalty):
+    """verl kl_penalty (with the "+" straight-through variants)."""
+    if kl_penalty.rstrip("+") == "full":
+        raise NotImplementedError
+    return _pl.kl_penalty(logprob, ref_logprob, kl_penalty)
+
+
+# ----------------------------------------------------------------------------- outcome advantages
+def _group_ids(index, device):
+    """verl's `index` (an array of uids, or a tensor) as group ids 0..G-1."""
+    if isinstance(index, torch.Tensor):
+        index = index.detach().cpu().numpy()
+    _, ids = np.unique(np.asarray(index), return_inverse=True)
+    return torch.as_tensor(ids.reshape(-1), dtype=torch.long, device=device)
+
+
+def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                   norm_adv_by_std_in_grpo=True, config=None):
+    with torch.no_grad():
+        adv = _adv.grpo_advantage(token_level_rewards, response_mask, _group_ids(index, token_level_rewards.device),
+                                  epsilon=epsilon, norm_by_std=norm_adv_by_std_in_grpo)
+    return adv, adv
+
+
+def compute_rloo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6, config=None, **kwargs):
+    with torch.no_grad():
+        adv = _adv.rloo_advantage(token_level_rewards, response_mask, _group_ids(index, token_level_rewards.device))
+    return adv, adv
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                                           config=None, **kwargs):
+    with torch.no_grad():
+        _check_count(response_mask)
+        adv = _adv.reinforce_pp_baseline_advantage(token_level_rewards, response_mask,
+                                                   _group_ids(index, token_level_rewards.device))
+    return adv, adv
+
+
+def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_mask, config=None, **kwargs):
+    if config is None:
+        raise ValueError("config is required (an AlgoConfig or any object with a `gamma` field)")
+    with torch.no_grad():
+        _check_count(response_mask)
+        return _adv.reinforce_pp_advantage(token_level_rewards, response_mask, _field(config, "gamma"))
