@@ -6,12 +6,14 @@ import triton.language as tl
 
 
 def split_float(x):
-    """x as an fp32 pair (hi, lo) with hi + lo == x to ~48 bits: Triton passes Python floats as
-    fp32, so a float64 kernel takes its constants in two parts and joins them with `join_float`."""
+    """x as three fp32 parts with hi + mid + lo == x exactly: Triton passes Python floats as fp32,
+    so a float64 kernel takes its constants in parts and joins them with `join_float`."""
+    x = float(x)
     hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
+    mid = float(np.float32(x - hi))
+    return hi, mid, float(np.float32(x - hi - mid))
 
 
 @triton.jit
-def join_float(hi, lo, dtype: tl.constexpr):
-    return tl.cast(hi, dtype) + tl.cast(lo, dtype)
+def join_float(hi, mid, lo, dtype: tl.constexpr):
+    return tl.cast(hi, dtype) + tl.cast(mid, dtype) + tl.cast(lo, dtype)

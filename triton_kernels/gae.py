@@ -35,7 +35,7 @@ def _affine_combine(a_left, b_left, a_right, b_right):
 def _gae_kernel(
     r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr,
     T, stride_r, stride_v, stride_m,
-    gamma_hi, gamma_lo, gl_hi, gl_lo,
+    gamma_hi, gamma_mid, gamma_lo, gl_hi, gl_mid, gl_lo,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -45,8 +45,8 @@ def _gae_kernel(
     adv_row = adv_ptr + row * T
     ret_row = ret_ptr + row * T
     acc_dtype = adv_ptr.dtype.element_ty
-    gamma = join_float(gamma_hi, gamma_lo, acc_dtype)
-    gamma_lam = join_float(gl_hi, gl_lo, acc_dtype)
+    gamma = join_float(gamma_hi, gamma_mid, gamma_lo, acc_dtype)
+    gamma_lam = join_float(gl_hi, gl_mid, gl_lo, acc_dtype)
 
     i = tl.arange(0, BLOCK_T)
     last = i == BLOCK_T - 1

@@ -111,7 +111,7 @@ def _load_row(ptr, row, stride, t, inb, acc_dtype):
 def _actor_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ent_ptr, ref_ptr, out_ptr,
     T, s_lp, s_old, s_adv, s_m, s_isw, s_ent, s_ref,
-    lo_hi, lo_lo, hi_hi, hi_lo, c_hi, c_lo,
+    lo_hi, lo_mid, lo_lo, hi_hi, hi_mid, hi_lo, c_hi, c_mid, c_lo,
     DUAL: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, HAS_REF: tl.constexpr,
     KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -132,9 +132,9 @@ def _actor_fwd_kernel(
     ref = lp
     if HAS_REF:
         ref = _load_row(ref_ptr, row, s_ref, t, inb, acc)
-    lo = join_float(lo_hi, lo_lo, acc)
-    hi = join_float(hi_hi, hi_lo, acc)
-    clip_c = join_float(c_hi, c_lo, acc)
+    lo = join_float(lo_hi, lo_mid, lo_lo, acc)
+    hi = join_float(hi_hi, hi_mid, hi_lo, acc)
+    clip_c = join_float(c_hi, c_mid, c_lo, acc)
     pg, dpg, kl, dkl, clipped, lower, nlr = _token_terms(lp, old, adv, is_w, ref, lo, hi, clip_c,
                                                           DUAL, HAS_REF, KL_BASE, KL_STRAIGHT)
     base = out_ptr + (row * n_blk + blk) * 7
@@ -155,7 +155,7 @@ def _actor_fwd_kernel(
 def _actor_bwd_kernel(
     coef_ptr, w_ptr, lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ref_ptr, grad_ptr,
     T, s_lp, s_old, s_adv, s_m, s_isw, s_ref,
-    lo_hi, lo_lo, hi_hi, hi_lo, c_hi, c_lo,
+    lo_hi, lo_mid, lo_lo, hi_hi, hi_mid, hi_lo, c_hi, c_mid, c_lo,
     DUAL: tl.constexpr, HAS_ISW: tl.constexpr, HAS_REF: tl.constexpr,
     KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -174,9 +174,9 @@ def _actor_bwd_kernel(
     ref = lp
     if HAS_REF:
         ref = _load_row(ref_ptr, row, s_ref, t, inb, acc)
-    lo = join_float(lo_hi, lo_lo, acc)
-    hi = join_float(hi_hi, hi_lo, acc)
-    clip_c = join_float(c_hi, c_lo, acc)
+    lo = join_float(lo_hi, lo_mid, lo_lo, acc)
+    hi = join_float(hi_hi, hi_mid, hi_lo, acc)
+    clip_c = join_float(c_hi, c_mid, c_lo, acc)
     pg, dpg, kl, dkl, clipped, lower, nlr = _token_terms(lp, old, adv, is_w, ref, lo, hi, clip_c,
                                                           DUAL, HAS_REF, KL_BASE, KL_STRAIGHT)
     c_pg = tl.load(coef_ptr).to(acc)
@@ -192,7 +192,7 @@ def _actor_bwd_kernel(
 @triton.jit
 def _value_kernel(
     v_ptr, r_ptr, o_ptr, m_ptr, out_ptr, w_ptr, coef_ptr, grad_ptr,
-    T, s_v, s_r, s_o, s_m, clip_hi, clip_lo,
+    T, s_v, s_r, s_o, s_m, clip_hi, clip_mid, clip_lo,
     BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Forward: block sums (count, m*L, m*clipped) into out; backward: d vpreds into grad."""
@@ -206,7 +206,7 @@ def _value_kernel(
     v = _load_row(v_ptr, row, s_v, t, inb, acc)
     r = _load_row(r_ptr, row, s_r, t, inb, acc)
     o = _load_row(o_ptr, row, s_o, t, inb, acc)
-    loss, dloss, clipped = _value_terms(v, r, o, join_float(clip_hi, clip_lo, acc))
+    loss, dloss, clipped = _value_terms(v, r, o, join_float(clip_hi, clip_mid, clip_lo, acc))
     if BACKWARD:
         c = tl.load(coef_ptr).to(acc) * tl.load(w_ptr + row).to(acc)
         tl.store(grad_ptr + row * T + t, tl.where(on, c * mt * dloss, 0.0), mask=inb)
