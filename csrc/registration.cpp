@@ -7,13 +7,14 @@ TORCH_LIBRARY(rlhfkern, m) {
   // GAE family (rlhfkern/ops/gae.py has the reference and the contract).
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
   m.def("masked_whiten(Tensor values, Tensor mask, bool shift_mean) -> Tensor");
-  // Policy-gradient family (rlhfkern/ops/ppo_loss.py): per-row partial sums [B, 7], and d log_prob.
+  // Policy-gradient family (rlhfkern/ops/ppo_loss.py): per-row partial sums [B, 7]; d log_prob and
+  // (entropy_grad) d entropy; value loss; KL penalty with its derivative.
   m.def("actor_loss_fwd(Tensor log_prob, Tensor old_log_prob, Tensor advantages, Tensor mask, "
         "Tensor? is_weights, Tensor? entropy, Tensor? ref_log_prob, float clip_low, float clip_high, "
         "float clip_c, int kl_code) -> Tensor");
   m.def("actor_loss_bwd(Tensor coeffs, Tensor w, Tensor log_prob, Tensor old_log_prob, Tensor advantages, "
         "Tensor mask, Tensor? is_weights, Tensor? ref_log_prob, float clip_low, float clip_high, "
-        "float clip_c, int kl_code) -> Tensor");
+        "float clip_c, int kl_code, bool entropy_grad) -> (Tensor, Tensor)");
   m.def("value_loss_fwd(Tensor vpreds, Tensor returns, Tensor old_values, Tensor mask, float clip) -> Tensor");
   m.def("value_loss_bwd(Tensor coeff, Tensor w, Tensor vpreds, Tensor returns, Tensor old_values, Tensor mask, "
         "float clip) -> Tensor");

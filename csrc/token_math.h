@@ -1,5 +1,11 @@
 // Per-token math of the policy-gradient family, shared by the CPU kernels and (host/device) the
 // CUDA ones; no torch headers. Formulas and gradient rules: rlhfkern/ops/ppo_loss.py.
+//
+// Every function is a template over the lane type V: a scalar (float, double) or, on the CPU,
+// a GCC vector of floats (vfloat, one SSE register), so that one text serves the scalar and the
+// SIMD kernels.
+// Per-lane choices are `cond ? a : b` on comparison results (bool for scalars, lane masks for
+// vectors); flags that are the same for every token are plain `if`s.
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -12,13 +18,74 @@
 
 namespace rlhfkern {
 
+template <typename V>
+struct Elem {
+  using type = V;
+};
+#ifndef __CUDACC__
+typedef float vfloat __attribute__((vector_size(16)));
+typedef int32_t vint __attribute__((vector_size(16)));
+template <>
+struct Elem<vfloat> {
+  using type = float;
+};
+#endif
+template <typename V>
+using elem_t = typename Elem<V>::type;
+
+template <typename V>
+RLHFKERN_HD V splat(elem_t<V> x) {
+  return V{} + x;
+}
+
+// 2^n for integral-valued n in [-126, 127]
+RLHFKERN_HD float pow2i(float n) {
+#ifdef __CUDA_ARCH__
+  return exp2f(n);
+#else
+  return __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+#endif
+}
+#ifndef __CUDACC__
+inline vfloat pow2i(vfloat n) { return reinterpret_cast<vfloat>((__builtin_convertvector(n, vint) + 127) << 23); }
+#endif
+
+// exp for arguments in [-87, 88] (all callers clamp to [-20, 20]). float: a branch-free
+// Cody-Waite reduction and Cephes' degree-6 polynomial (within 2 ulp of expf), the same in
+// every lane type so that scalar tails and SIMD bodies agree; double: the library exp.
+RLHFKERN_HD double exp_fast(double x) { return exp(x); }
+template <typename V>
+RLHFKERN_HD V exp_fast(V x) {
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  V p = splat<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * pow2i(n);
+}
+
+template <typename V>
+RLHFKERN_HD V clamp_value(V x, elem_t<V> lo, elem_t<V> hi) {
+  return x < lo ? splat<V>(lo) : (x > hi ? splat<V>(hi) : x);  // nan stays nan, as torch.clamp
+}
+
+// torch.clamp's backward passes the gradient on [lo, hi], bounds included
+template <typename V>
+RLHFKERN_HD V clamp_pass(V x, elem_t<V> lo, elem_t<V> hi) {
+  return ((x >= lo) & (x <= hi)) ? splat<V>(1) : splat<V>(0);
+}
+
 template <typename acc_t>
 struct TokenParams {
-  acc_t lo, hi;    // 1 - clip_low, 1 + clip_high
-  acc_t clip_c;    // dual-clip bound; used when dual
+  acc_t lo, hi;      // 1 - clip_low, 1 + clip_high
+  acc_t clip_c;      // dual-clip bound; used when dual
   bool dual;
-  int kl_base;     // 0 k1, 1 abs, 2 k2, 3 k3
-  bool kl_straight;  // "<kind>+": value of kind, gradient of k2
+  int kl_base;       // 0 k1, 1 abs, 2 k2, 3 k3
+  bool kl_straight;  // "<kind>+": the value of the kind with the gradient of k2
 };
 
 // kl_code = base + 4 * straight-through; clip_c <= 0 disables dual-clip.
@@ -28,112 +95,107 @@ inline TokenParams<acc_t> make_token_params(double clip_low, double clip_high, d
           clip_c > 0, static_cast<int>(kl_code & 3), (kl_code & 4) != 0};
 }
 
-template <typename acc_t>
-struct TokenTerms {
-  acc_t pg, dpg;          // is_w * L and its derivative w.r.t. log_prob
-  acc_t kl, dkl;          // the KL estimate and its derivative w.r.t. log_prob
-  acc_t clipped, clipped_lower, neg_log_ratio;  // metric terms
+template <typename V>
+struct KlTerms {
+  V kl, dkl;  // the KL estimate and its derivative w.r.t. lp (w.r.t. ref it is the negative)
 };
 
-template <typename acc_t>
-RLHFKERN_HD acc_t clamp_value(acc_t x, acc_t lo, acc_t hi) {
-  return x < lo ? lo : (x > hi ? hi : x);  // nan stays nan, as torch.clamp
-}
-
-// torch.clamp's backward passes the gradient on [lo, hi], bounds included
-template <typename acc_t>
-RLHFKERN_HD acc_t clamp_pass(acc_t x, acc_t lo, acc_t hi) {
-  return (x >= lo && x <= hi) ? acc_t(1) : acc_t(0);
-}
-
-// The KL estimate of (lp, ref) and its derivative w.r.t. lp (w.r.t. ref it is the negative).
-template <typename acc_t>
-RLHFKERN_HD void kl_terms(acc_t lp, acc_t ref, int base, bool straight, acc_t* kl, acc_t* dkl) {
-  const acc_t diff = lp - ref;
+template <typename V>
+RLHFKERN_HD KlTerms<V> kl_terms(V lp, V ref, int base, bool straight) {
+  using E = elem_t<V>;
+  const V diff = lp - ref;
+  KlTerms<V> k;
   switch (base) {
     case 0:
-      *kl = diff, *dkl = 1;
+      k.kl = diff, k.dkl = splat<V>(1);
       break;
     case 1:
-      *kl = fabs(diff), *dkl = diff > 0 ? acc_t(1) : (diff < 0 ? acc_t(-1) : acc_t(0));
+      k.kl = diff < E(0) ? -diff : diff;
+      k.dkl = diff > E(0) ? splat<V>(1) : (diff < E(0) ? splat<V>(-1) : splat<V>(0));
       break;
     case 2:
-      *kl = acc_t(0.5) * (diff * diff), *dkl = diff;
+      k.kl = E(0.5) * (diff * diff), k.dkl = diff;
       break;
     default: {
-      const acc_t x0 = ref - lp;
-      const acc_t x = clamp_value(x0, acc_t(-20), acc_t(20));
-      const acc_t r = exp(x);
-      const acc_t v = r - x - acc_t(1);
-      *kl = clamp_value(v, acc_t(-10), acc_t(10));
-      *dkl = -(clamp_pass(v, acc_t(-10), acc_t(10)) * (r - acc_t(1)) * clamp_pass(x0, acc_t(-20), acc_t(20)));
+      const V x0 = ref - lp;
+      const V x = clamp_value(x0, E(-20), E(20));
+      const V r = exp_fast(x);
+      const V v = r - x - E(1);
+      k.kl = clamp_value(v, E(-10), E(10));
+      k.dkl = -(clamp_pass(v, E(-10), E(10)) * (r - E(1)) * clamp_pass(x0, E(-20), E(20)));
     }
   }
-  if (straight) *dkl = diff;
+  if (straight) k.dkl = diff;
+  return k;
 }
+
+template <typename V>
+struct ValueTerms {
+  V loss, dloss, clipped;
+};
 
 // Clipped value loss of one token (verl compute_value_loss, before the 0.5 and the aggregation):
 //   vc = max(min(v, old + clip), old - clip),  L = max((v - R)^2, (vc - R)^2)
 // with d L / d v under PyTorch's tie rules (binary min/max split the gradient in halves).
-template <typename acc_t>
-RLHFKERN_HD void value_terms(acc_t v, acc_t ret, acc_t old, acc_t clip, acc_t* loss, acc_t* dloss, acc_t* clipped) {
-  const acc_t up = old + clip, down = old - clip;
-  const acc_t u = v < up ? v : (v > up ? up : v);
-  const acc_t du = v < up ? acc_t(1) : (v > up ? acc_t(0) : acc_t(0.5));
-  const acc_t vc = u > down ? u : (u < down ? down : u);
-  const acc_t dvc = (u > down ? acc_t(1) : (u < down ? acc_t(0) : acc_t(0.5))) * du;
-  const acc_t e1 = v - ret, e2 = vc - ret;
-  const acc_t l1 = e1 * e1, l2 = e2 * e2;
-  const acc_t d1 = acc_t(2) * e1, d2 = acc_t(2) * e2 * dvc;
-  if (l1 > l2) {
-    *loss = l1, *dloss = d1;
-  } else if (l2 > l1) {
-    *loss = l2, *dloss = d2;
-  } else {
-    *loss = l1, *dloss = acc_t(0.5) * d1 + acc_t(0.5) * d2;
-  }
-  *clipped = l2 > l1 ? acc_t(1) : acc_t(0);
+template <typename V>
+RLHFKERN_HD ValueTerms<V> value_terms(V v, V ret, V old, elem_t<V> clip) {
+  using E = elem_t<V>;
+  const V up = old + clip, down = old - clip;
+  const V u = v > up ? up : v;
+  const V du = v < up ? splat<V>(1) : (v > up ? splat<V>(0) : splat<V>(0.5));
+  const V vc = u < down ? down : u;
+  const V dvc = (u > down ? splat<V>(1) : (u < down ? splat<V>(0) : splat<V>(0.5))) * du;
+  const V e1 = v - ret, e2 = vc - ret;
+  const V l1 = e1 * e1, l2 = e2 * e2;
+  const V d1 = E(2) * e1, d2 = E(2) * e2 * dvc;
+  ValueTerms<V> out;
+  out.loss = l2 > l1 ? l2 : l1;
+  out.dloss = l1 > l2 ? d1 : (l2 > l1 ? d2 : E(0.5) * d1 + E(0.5) * d2);
+  out.clipped = l2 > l1 ? splat<V>(1) : splat<V>(0);
+  return out;
 }
 
-template <typename acc_t>
-RLHFKERN_HD TokenTerms<acc_t> token_terms(acc_t lp, acc_t old, acc_t adv, acc_t is_w, acc_t ref, bool has_ref,
-                                          const TokenParams<acc_t>& p) {
-  TokenTerms<acc_t> k;
-  const acc_t d = lp - old;
-  const acc_t nk = clamp_value(d, acc_t(-20), acc_t(20));
-  const acc_t ratio = exp(nk);
-  const acc_t neg_a = -adv;
-  const acc_t l1 = neg_a * ratio;
-  const acc_t l2 = neg_a * clamp_value(ratio, p.lo, p.hi);
-  const acc_t dl2 = neg_a * clamp_pass(ratio, p.lo, p.hi);  // d l2 / d ratio
-  // M = maximum(l1, l2); at a tie each side gets half the gradient
-  acc_t m, dm;
-  if (l1 > l2) {
-    m = l1, dm = neg_a;
-  } else if (l2 > l1) {
-    m = l2, dm = dl2;
-  } else {
-    m = l1, dm = acc_t(0.5) * neg_a + acc_t(0.5) * dl2;
-  }
-  acc_t loss = m, dloss = dm, lower = 0;
-  if (p.dual) {
-    const acc_t l3 = neg_a * p.clip_c;
-    lower = (m > l3 && adv < 0) ? acc_t(1) : acc_t(0);
-    if (adv < 0) {  // minimum(l3, M)
-      if (m > l3) {
-        loss = l3, dloss = 0;
-      } else if (!(m < l3)) {
-        dloss = acc_t(0.5) * dm;
-      }
-    }
+template <typename V>
+struct TokenTerms {
+  V pg, dpg;                               // is_w * L and its derivative w.r.t. log_prob
+  V kl, dkl;                               // the KL estimate and its derivative w.r.t. log_prob
+  V clipped, clipped_lower, neg_log_ratio;  // metric terms
+};
+
+template <typename V>
+RLHFKERN_HD TokenTerms<V> token_terms(V lp, V old, V adv, V is_w, V ref, bool has_ref,
+                                      const TokenParams<elem_t<V>>& p) {
+  using E = elem_t<V>;
+  TokenTerms<V> k;
+  const V d = lp - old;
+  const V nk = clamp_value(d, E(-20), E(20));
+  const V ratio = exp_fast(nk);
+  const V neg_a = -adv;
+  const V l1 = neg_a * ratio;
+  const V l2 = neg_a * clamp_value(ratio, p.lo, p.hi);
+  const V dl2 = neg_a * clamp_pass(ratio, p.lo, p.hi);  // d l2 / d ratio
+  // M = maximum(l1, l2): at a tie each side gets half the gradient
+  const V m = l2 > l1 ? l2 : l1;
+  const V dm = l1 > l2 ? neg_a : (l2 > l1 ? dl2 : E(0.5) * neg_a + E(0.5) * dl2);
+  V loss = m, dloss = dm, lower = splat<V>(0);
+  if (p.dual) {  // where(A < 0, minimum(l3, M), M)
+    const V l3 = neg_a * p.clip_c;
+    const auto neg = adv < E(0);
+    lower = (neg & (m > l3)) ? splat<V>(1) : splat<V>(0);
+    loss = (neg & (m > l3)) ? l3 : m;
+    dloss = neg ? (m > l3 ? splat<V>(0) : (m < l3 ? dm : E(0.5) * dm)) : dm;
   }
   k.pg = loss * is_w;
-  k.dpg = dloss * ratio * clamp_pass(d, acc_t(-20), acc_t(20)) * is_w;
-  k.clipped = l2 > l1 ? acc_t(1) : acc_t(0);
+  k.dpg = dloss * ratio * clamp_pass(d, E(-20), E(20)) * is_w;
+  k.clipped = l2 > l1 ? splat<V>(1) : splat<V>(0);
   k.clipped_lower = lower;
   k.neg_log_ratio = -nk;
-  k.kl = k.dkl = 0;
-  if (has_ref) kl_terms(lp, ref, p.kl_base, p.kl_straight, &k.kl, &k.dkl);
+  if (has_ref) {
+    const KlTerms<V> kl = kl_terms(lp, ref, p.kl_base, p.kl_straight);
+    k.kl = kl.kl, k.dkl = kl.dkl;
+  } else {
+    k.kl = k.dkl = splat<V>(0);
+  }
   return k;
 }
 

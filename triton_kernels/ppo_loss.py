@@ -153,10 +153,10 @@ def _actor_fwd_kernel(
 
 @triton.jit
 def _actor_bwd_kernel(
-    coef_ptr, w_ptr, lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ref_ptr, grad_ptr,
+    coef_ptr, w_ptr, lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ref_ptr, grad_ptr, grad_ent_ptr,
     T, s_lp, s_old, s_adv, s_m, s_isw, s_ref,
     lo_hi, lo_mid, lo_lo, hi_hi, hi_mid, hi_lo, c_hi, c_mid, c_lo,
-    DUAL: tl.constexpr, HAS_ISW: tl.constexpr, HAS_REF: tl.constexpr,
+    DUAL: tl.constexpr, HAS_ISW: tl.constexpr, HAS_REF: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
     KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -185,8 +185,11 @@ def _actor_bwd_kernel(
     g = c_pg * dpg
     if HAS_REF:
         g += c_kl * dkl
-    g = tl.where(mt != 0, wb * mt * g, 0.0)
-    tl.store(grad_ptr + row * T + t, g, mask=inb)
+    on = mt != 0
+    tl.store(grad_ptr + row * T + t, tl.where(on, wb * mt * g, 0.0), mask=inb)
+    if ENTROPY_GRAD:
+        c_ent = tl.load(coef_ptr + 2).to(acc)
+        tl.store(grad_ent_ptr + row * T + t, tl.where(on, wb * mt * c_ent, 0.0), mask=inb)
 
 
 @triton.jit
@@ -264,23 +267,27 @@ def actor_loss_fwd(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_
     return out.sum(1)
 
 
-def actor_loss_bwd(coeffs, w, lp, old, adv, mask, is_weights, ref, clip_low, clip_high, clip_c, kl_code):
-    """d log_prob [B, T] for the gradient coefficients (c_pg, c_kl) and the row weights w."""
+def actor_loss_bwd(coeffs, w, lp, old, adv, mask, is_weights, ref, clip_low, clip_high, clip_c, kl_code, entropy_grad):
+    """(d log_prob, d entropy) [B, T] for the gradient coefficients (c_pg, c_kl, c_ent) and the row
+    weights w; d entropy is empty unless entropy_grad."""
     import torch
 
     B, T = lp.shape
     acc = _acc(lp)
     BLOCK_T = _block(T)
     grad = torch.empty((B, T), dtype=acc, device=lp.device)
+    grad_ent = torch.empty((B, T) if entropy_grad else (0,), dtype=acc, device=lp.device)
     flags, consts = _params(clip_low, clip_high, clip_c, kl_code)
     _actor_bwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
         coeffs.to(acc).contiguous(), w.contiguous(), lp, old, adv, mask,
         is_weights if is_weights is not None else lp, ref if ref is not None else lp, grad,
+        grad_ent if entropy_grad else grad,
         T, lp.stride(0), old.stride(0), adv.stride(0), mask.stride(0), _stride(is_weights), _stride(ref),
         *consts,
-        HAS_ISW=is_weights is not None, HAS_REF=ref is not None, BLOCK_T=BLOCK_T, **flags,
+        HAS_ISW=is_weights is not None, HAS_REF=ref is not None, ENTROPY_GRAD=bool(entropy_grad), BLOCK_T=BLOCK_T,
+        **flags,
     )
-    return grad
+    return grad, grad_ent
 
 
 def _acc(x):

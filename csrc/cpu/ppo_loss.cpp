@@ -4,13 +4,15 @@
 //   count = m, pg = m*L*is_w, entropy = m*H, kl = m*kl, clipped = m*[L2 > L1],
 //   clipped_lower = m*[M > L3 and A < 0], neg_log_ratio = m*(old - lp) clamped  -> [B, 7].
 // actor_loss_bwd: one pass recomputing from the inputs:
-//   d lp = w_b m (c_pg is_w dL/dlp + c_kl dkl/dlp), with PyTorch's rules at ties.
+//   d lp = w_b m (c_pg is_w dL/dlp + c_kl dkl/dlp), with PyTorch's rules at ties;  d H = w_b m c_ent.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "../common.h"
 #include "../token_math.h"
@@ -41,71 +43,145 @@ void check_inputs(const Inputs& in) {
               "log_prob, old_log_prob and advantages must share one dtype");
 }
 
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+// SIMD lanes: float accumulation runs kWidth tokens at a time as a GCC vector (token_math.h), the
+// row's tail and double accumulation one token at a time; the same template serves both.
+template <typename acc_t>
+struct Lanes {
+  using type = acc_t;
+  static constexpr int width = 1;
+};
+constexpr int kWidth = sizeof(vfloat) / sizeof(float);
+template <>
+struct Lanes<float> {
+  using type = vfloat;
+  static constexpr int width = kWidth;
+};
+
+template <typename V, typename T>
+inline V load_lanes(const T* p) {
+  if constexpr (std::is_same_v<V, vfloat> && std::is_same_v<T, float>) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  } else if constexpr (std::is_same_v<V, vfloat>) {
+    float tmp[kWidth];
+    for (int j = 0; j < kWidth; ++j) tmp[j] = static_cast<float>(p[j]);
+    V v;
+    std::memcpy(&v, tmp, sizeof v);
+    return v;
+  } else {
+    return static_cast<V>(*p);
+  }
 }
 
-template <typename val_t, typename mask_t, typename acc_t, typename F>
-void for_each_token_row(const Inputs& in, F&& row_fn) {
-  const int64_t B = in.lp.size(0);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) row_fn(b);
-  });
+template <typename V>
+inline void store_lanes(elem_t<V>* p, V v) {
+  if constexpr (std::is_same_v<V, vfloat>) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    *p = v;
+  }
+}
+
+template <typename V>
+inline elem_t<V> sum_lanes(V v) {  // a fixed order: deterministic
+  if constexpr (std::is_same_v<V, vfloat>) {
+    float s = 0;
+    for (int j = 0; j < kWidth; ++j) s += v[j];
+    return s;
+  } else {
+    return v;
+  }
+}
+
+// One row's inputs, already offset to the row. Absent optional inputs are never read.
+template <typename val_t, typename mask_t>
+struct Row {
+  const val_t *lp, *old, *adv, *isw, *ent, *ref;
+  const mask_t* m;
+};
+
+template <typename val_t, typename mask_t>
+Row<val_t, mask_t> row_of(const Inputs& in, int64_t b) {
+  auto at = [b](const at::Tensor& x) -> const val_t* {
+    return x.defined() ? x.data_ptr<val_t>() + b * x.stride(0) : nullptr;
+  };
+  return {at(in.lp), at(in.old), at(in.adv), at(in.isw), at(in.ent), at(in.ref),
+          in.mask.data_ptr<mask_t>() + b * in.mask.stride(0)};
+}
+
+template <typename V, typename val_t, typename mask_t>
+inline TokenTerms<V> terms_at(const Row<val_t, mask_t>& r, int64_t t, const TokenParams<elem_t<V>>& p) {
+  const V l = load_lanes<V>(r.lp + t);
+  return token_terms<V>(l, load_lanes<V>(r.old + t), load_lanes<V>(r.adv + t),
+                        r.isw ? load_lanes<V>(r.isw + t) : splat<V>(1), r.ref ? load_lanes<V>(r.ref + t) : l,
+                        r.ref != nullptr, p);
+}
+
+// sums[c] += the column c terms of tokens [t0, t1), in steps of V's width
+template <typename V, typename val_t, typename mask_t>
+void actor_fwd_span(const Row<val_t, mask_t>& r, int64_t t0, int64_t t1, const TokenParams<elem_t<V>>& p, V* sums) {
+  constexpr int W = std::is_same_v<V, vfloat> ? kWidth : 1;
+  const V zero = splat<V>(0);
+  for (int64_t t = t0; t + W <= t1; t += W) {
+    const V mt = load_lanes<V>(r.m + t);
+    const auto on = mt != elem_t<V>(0);  // masked-out tokens never contribute, even nan/inf
+    const TokenTerms<V> k = terms_at<V>(r, t, p);
+    sums[0] += mt;
+    sums[1] += on ? mt * k.pg : zero;
+    if (r.ent) sums[2] += on ? mt * load_lanes<V>(r.ent + t) : zero;
+    sums[3] += on ? mt * k.kl : zero;
+    sums[4] += on ? mt * k.clipped : zero;
+    sums[5] += on ? mt * k.clipped_lower : zero;
+    sums[6] += on ? mt * k.neg_log_ratio : zero;
+  }
+}
+
+// d log_prob (and d entropy when grad_ent) of tokens [t0, t1); c = (c_pg, c_kl, c_ent)
+template <typename V, typename val_t, typename mask_t>
+void actor_bwd_span(const Row<val_t, mask_t>& r, int64_t t0, int64_t t1, const TokenParams<elem_t<V>>& p,
+                    const elem_t<V>* c, elem_t<V> wb, elem_t<V>* grad, elem_t<V>* grad_ent) {
+  constexpr int W = std::is_same_v<V, vfloat> ? kWidth : 1;
+  const V zero = splat<V>(0);
+  for (int64_t t = t0; t + W <= t1; t += W) {
+    const V mt = load_lanes<V>(r.m + t);
+    const auto on = mt != elem_t<V>(0);
+    const TokenTerms<V> k = terms_at<V>(r, t, p);
+    const V wm = wb * mt;
+    store_lanes<V>(grad + t, on ? wm * (c[0] * k.dpg + c[1] * k.dkl) : zero);  // dkl is 0 without a reference
+    if (grad_ent) store_lanes<V>(grad_ent + t, on ? wm * c[2] : zero);
+  }
 }
 
 template <typename val_t, typename mask_t, typename acc_t>
 void actor_fwd_impl(const Inputs& in, const TokenParams<acc_t>& p, acc_t* out) {
-  const int64_t T = in.lp.size(1);
-  const val_t *lp = in.lp.data_ptr<val_t>(), *old = in.old.data_ptr<val_t>(), *adv = in.adv.data_ptr<val_t>();
-  const val_t *isw = ptr_or_null<val_t>(in.isw), *ent = ptr_or_null<val_t>(in.ent), *ref = ptr_or_null<val_t>(in.ref);
-  const mask_t* m = in.mask.data_ptr<mask_t>();
-  const int64_t s_lp = in.lp.stride(0), s_old = in.old.stride(0), s_adv = in.adv.stride(0), s_m = in.mask.stride(0);
-  const int64_t s_isw = isw ? in.isw.stride(0) : 0, s_ent = ent ? in.ent.stride(0) : 0, s_ref = ref ? in.ref.stride(0) : 0;
-  for_each_token_row<val_t, mask_t, acc_t>(in, [&](int64_t b) {
-    acc_t sum[kColumns] = {};
-    for (int64_t t = 0; t < T; ++t) {
-      const acc_t mt = static_cast<acc_t>(m[b * s_m + t]);
-      if (mt == acc_t(0)) continue;  // masked-out tokens never contribute, even nan/inf
-      const acc_t l = static_cast<acc_t>(lp[b * s_lp + t]);
-      const TokenTerms<acc_t> k = token_terms<acc_t>(
-          l, static_cast<acc_t>(old[b * s_old + t]), static_cast<acc_t>(adv[b * s_adv + t]),
-          isw ? static_cast<acc_t>(isw[b * s_isw + t]) : acc_t(1), ref ? static_cast<acc_t>(ref[b * s_ref + t]) : l,
-          ref != nullptr, p);
-      sum[0] += mt;
-      sum[1] += mt * k.pg;
-      if (ent) sum[2] += mt * static_cast<acc_t>(ent[b * s_ent + t]);
-      sum[3] += mt * k.kl;
-      sum[4] += mt * k.clipped;
-      sum[5] += mt * k.clipped_lower;
-      sum[6] += mt * k.neg_log_ratio;
+  using V = typename Lanes<acc_t>::type;
+  const int64_t B = in.lp.size(0), T = in.lp.size(1);
+  const int64_t body = T - T % Lanes<acc_t>::width;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto r = row_of<val_t, mask_t>(in, b);
+      V wide[kColumns] = {};
+      acc_t tail[kColumns] = {};
+      actor_fwd_span<V>(r, 0, body, p, wide);
+      actor_fwd_span<acc_t>(r, body, T, p, tail);
+      for (int c = 0; c < kColumns; ++c) out[b * kColumns + c] = sum_lanes(wide[c]) + tail[c];
     }
-    for (int c = 0; c < kColumns; ++c) out[b * kColumns + c] = sum[c];
   });
 }
 
 template <typename val_t, typename mask_t, typename acc_t>
-void actor_bwd_impl(const Inputs& in, const TokenParams<acc_t>& p, acc_t c_pg, acc_t c_kl, const acc_t* w, acc_t* grad) {
-  const int64_t T = in.lp.size(1);
-  const val_t *lp = in.lp.data_ptr<val_t>(), *old = in.old.data_ptr<val_t>(), *adv = in.adv.data_ptr<val_t>();
-  const val_t *isw = ptr_or_null<val_t>(in.isw), *ref = ptr_or_null<val_t>(in.ref);
-  const mask_t* m = in.mask.data_ptr<mask_t>();
-  const int64_t s_lp = in.lp.stride(0), s_old = in.old.stride(0), s_adv = in.adv.stride(0), s_m = in.mask.stride(0);
-  const int64_t s_isw = isw ? in.isw.stride(0) : 0, s_ref = ref ? in.ref.stride(0) : 0;
-  for_each_token_row<val_t, mask_t, acc_t>(in, [&](int64_t b) {
-    const acc_t wb = w[b];
-    for (int64_t t = 0; t < T; ++t) {
-      const acc_t mt = static_cast<acc_t>(m[b * s_m + t]);
-      if (mt == acc_t(0)) {
-        grad[b * T + t] = acc_t(0);
-        continue;
-      }
-      const acc_t l = static_cast<acc_t>(lp[b * s_lp + t]);
-      const TokenTerms<acc_t> k = token_terms<acc_t>(
-          l, static_cast<acc_t>(old[b * s_old + t]), static_cast<acc_t>(adv[b * s_adv + t]),
-          isw ? static_cast<acc_t>(isw[b * s_isw + t]) : acc_t(1), ref ? static_cast<acc_t>(ref[b * s_ref + t]) : l,
-          ref != nullptr, p);
-      grad[b * T + t] = wb * mt * (c_pg * k.dpg + (ref ? c_kl * k.dkl : acc_t(0)));
+void actor_bwd_impl(const Inputs& in, const TokenParams<acc_t>& p, const acc_t* c, const acc_t* w, acc_t* grad,
+                    acc_t* grad_ent) {
+  using V = typename Lanes<acc_t>::type;
+  const int64_t B = in.lp.size(0), T = in.lp.size(1);
+  const int64_t body = T - T % Lanes<acc_t>::width;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto r = row_of<val_t, mask_t>(in, b);
+      acc_t* ge = grad_ent ? grad_ent + b * T : nullptr;
+      actor_bwd_span<V>(r, 0, body, p, c, w[b], grad + b * T, ge);
+      actor_bwd_span<acc_t>(r, body, T, p, c, w[b], grad + b * T, ge);
     }
   });
 }
@@ -143,30 +219,31 @@ at::Tensor actor_loss_fwd_cpu(const at::Tensor& lp, const at::Tensor& old, const
   return out;
 }
 
-at::Tensor actor_loss_bwd_cpu(const at::Tensor& coeffs, const at::Tensor& w, const at::Tensor& lp,
-                              const at::Tensor& old, const at::Tensor& adv, const at::Tensor& mask,
-                              const c10::optional<at::Tensor>& isw, const c10::optional<at::Tensor>& ref,
-                              double clip_low, double clip_high, double clip_c, int64_t kl_code) {
+std::tuple<at::Tensor, at::Tensor> actor_loss_bwd_cpu(
+    const at::Tensor& coeffs, const at::Tensor& w, const at::Tensor& lp, const at::Tensor& old, const at::Tensor& adv,
+    const at::Tensor& mask, const c10::optional<at::Tensor>& isw, const c10::optional<at::Tensor>& ref,
+    double clip_low, double clip_high, double clip_c, int64_t kl_code, bool entropy_grad) {
   Inputs in{lp, old, adv, mask, isw.value_or(at::Tensor()), at::Tensor(), ref.value_or(at::Tensor())};
   check_inputs(in);
   const auto acc = acc_type(lp.scalar_type());
-  TORCH_CHECK(coeffs.numel() == 2 && coeffs.scalar_type() == acc && coeffs.device().is_cpu(),
-              "coeffs must be 2 CPU values of the accumulation dtype");
+  TORCH_CHECK(coeffs.numel() == 3 && coeffs.scalar_type() == acc && coeffs.device().is_cpu(),
+              "coeffs must be 3 CPU values (c_pg, c_kl, c_ent) of the accumulation dtype");
   TORCH_CHECK(w.numel() == lp.size(0) && w.scalar_type() == acc && w.is_contiguous() && w.device().is_cpu(),
               "w must hold one CPU weight per row of the accumulation dtype");
   auto grad = at::empty(lp.sizes(), lp.options().dtype(acc));
-  if (lp.numel() == 0) return grad;
+  auto grad_ent = entropy_grad ? at::empty(lp.sizes(), lp.options().dtype(acc)) : at::empty({0}, lp.options().dtype(acc));
+  if (lp.numel() == 0) return {grad, grad_ent};
   dispatch_types(in, [&](auto v, auto mk, auto a) {
     using val_t = decltype(v);
     using mask_t = decltype(mk);
     using acc_t = decltype(a);
     const auto p = make_token_params<acc_t>(clip_low, clip_high, clip_c, kl_code);
-    const acc_t c_pg = coeffs[0].item<acc_t>(), c_kl = coeffs[1].item<acc_t>();  // CPU: no sync
-    actor_bwd_impl<val_t, mask_t, acc_t>(in, p, c_pg, c_kl, w.data_ptr<acc_t>(), grad.data_ptr<acc_t>());
+    const auto c = coeffs.contiguous();
+    actor_bwd_impl<val_t, mask_t, acc_t>(in, p, c.data_ptr<acc_t>(), w.data_ptr<acc_t>(), grad.data_ptr<acc_t>(),
+                                         entropy_grad ? grad_ent.data_ptr<acc_t>() : nullptr);
   });
-  return grad;
+  return {grad, grad_ent};
 }
-
 
 // ---- value loss: per-row (count, m*L, m*clipped) forward; d vpreds = c w_b m dL/dv backward
 template <typename val_t, typename mask_t, typename acc_t>
@@ -185,13 +262,12 @@ void value_impl(const at::Tensor& v, const at::Tensor& ret, const at::Tensor& ol
           if (grad) grad[b * T + t] = acc_t(0);
           continue;
         }
-        acc_t l, dl, c;
-        value_terms<acc_t>(static_cast<acc_t>(pv[b * sv + t]), static_cast<acc_t>(pr[b * sr + t]),
-                           static_cast<acc_t>(po[b * so + t]), clip, &l, &dl, &c);
+        const ValueTerms<acc_t> k = value_terms<acc_t>(static_cast<acc_t>(pv[b * sv + t]), static_cast<acc_t>(pr[b * sr + t]),
+                                                       static_cast<acc_t>(po[b * so + t]), clip);
         if (grad) {
-          grad[b * T + t] = coeff * w[b] * mt * dl;
+          grad[b * T + t] = coeff * w[b] * mt * k.dloss;
         } else {
-          count += mt, sum += mt * l, clipped += mt * c;
+          count += mt, sum += mt * k.loss, clipped += mt * k.clipped;
         }
       }
       if (partial) partial[b * 3] = count, partial[b * 3 + 1] = sum, partial[b * 3 + 2] = clipped;
@@ -275,9 +351,11 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(const at::Tensor& lp, const at
       const bool straight = (kl_code & 4) != 0;
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
-          for (int64_t t = 0; t < T; ++t)
-            kl_terms<acc_t>(static_cast<acc_t>(pl[b * sl + t]), static_cast<acc_t>(pr[b * sr + t]), base, straight,
-                            &pk[b * T + t], &pd[b * T + t]);
+          for (int64_t t = 0; t < T; ++t) {
+            const KlTerms<acc_t> k = kl_terms<acc_t>(static_cast<acc_t>(pl[b * sl + t]),
+                                                     static_cast<acc_t>(pr[b * sr + t]), base, straight);
+            pk[b * T + t] = k.kl, pd[b * T + t] = k.dkl;
+          }
       });
     });
   });

@@ -288,22 +288,22 @@ def _actor_loss_backward_op(grad_losses: torch.Tensor, w: torch.Tensor, log_prob
                             old_log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                             is_weights: torch.Tensor | None, ref_log_prob: torch.Tensor | None,
                             clip_low: float, clip_high: float, clip_c: float, kl_code: int,
-                            entropy_coeff: float, kl_coef: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d log_prob, d entropy) from the gradients of (total, pg, entropy, kl)."""
+                            entropy_coeff: float, kl_coef: float, entropy_grad: bool,
+                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d log_prob, d entropy) from the gradients of (total, pg, entropy, kl); d entropy is empty
+    unless entropy_grad."""
     g_total, g_pg, g_ent, g_kl = grad_losses.unbind(0)
-    coeffs = torch.stack([g_total + g_pg, kl_coef * g_total + g_kl]).to(w.dtype)  # for dpg, dkl
-    grad_lp = _kernel("actor_loss_bwd", backend)(coeffs, w, log_prob, old_log_prob, advantages, mask, is_weights, ref_log_prob,
-                       clip_low, clip_high, clip_c, kl_code)
-    coeff = (g_ent - entropy_coeff * g_total).to(w.dtype)
-    grad_ent = torch.where(mask != 0, coeff * w[:, None] * mask.to(w.dtype), 0.0)
-    return grad_lp, grad_ent
+    coeffs = torch.stack([g_total + g_pg, kl_coef * g_total + g_kl, g_ent - entropy_coeff * g_total]).to(w.dtype)
+    return _kernel("actor_loss_bwd", backend)(coeffs, w, log_prob, old_log_prob, advantages, mask, is_weights,
+                                              ref_log_prob, clip_low, clip_high, clip_c, kl_code, entropy_grad)
 
 
 @_actor_loss_backward_op.register_fake
 def _(grad_losses, w, log_prob, old_log_prob, advantages, mask, is_weights, ref_log_prob, clip_low,
-      clip_high, clip_c, kl_code, entropy_coeff, kl_coef, backend):
+      clip_high, clip_c, kl_code, entropy_coeff, kl_coef, entropy_grad, backend):
     acc = _acc(log_prob)
-    return log_prob.new_empty(log_prob.shape, dtype=acc), log_prob.new_empty(log_prob.shape, dtype=acc)
+    return (log_prob.new_empty(log_prob.shape, dtype=acc),
+            log_prob.new_empty(log_prob.shape if entropy_grad else (0,), dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):
@@ -311,8 +311,8 @@ def _setup_context(ctx, inputs, output):
      clip_c, kl_code, entropy_coeff, kl_coef, agg, dp_size, batch_num_tokens, global_batch_size,
      loss_scale_factor, backend) = inputs
     ctx.save_for_backward(log_prob, old_log_prob, advantages, mask, is_weights, ref_log_prob, output[2])
-    ctx.args = (clip_low, clip_high, clip_c, kl_code, entropy_coeff, kl_coef, backend)
     ctx.entropy_dtype = entropy.dtype if entropy is not None else None
+    ctx.args = (clip_low, clip_high, clip_c, kl_code, entropy_coeff, kl_coef, entropy is not None, backend)
 
 
 def _backward(ctx, grad_losses, grad_metrics, grad_w):
