@@ -13,6 +13,9 @@ BENCH_ARGS ?=
 $(BIN)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(DEPS)
+	# OpenRLHF's loss module, for the drop-in tests; its own dependencies (deepspeed, flash-attn,
+	# vLLM) need CUDA builds and are not installed
+	$(BIN)/pip install --quiet --no-deps openrlhf==0.11.2
 	touch $@
 
 deps: $(BIN)/.deps-installed

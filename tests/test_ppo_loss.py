@@ -367,3 +367,87 @@ def test_bad_input_names_the_argument(backend):
         rlhfkern.kl_penalty(lp, ref, "kl2", backend=backend)
     with pytest.raises(ValueError, match="not available for this op"):
         rlhfkern.actor_loss(lp, old, adv, m, backend="cuda")
+
+
+# ----------------------------------------------------------------------------- OpenRLHF drop-ins
+def openrlhf_losses():
+    """OpenRLHF 0.11.2's own models/loss.py and models/utils.py. The package `openrlhf.models`
+    imports model code that needs deepspeed and flash-attn (CUDA builds, not installable here), so
+    these two files are loaded on their own; `deepspeed`, imported by utils.py for functions the
+    tests never call, is an empty stand-in when it is not installed."""
+    import importlib
+    import os
+    import sys
+    import types
+
+    import openrlhf
+
+    if "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is None:
+        sys.modules["deepspeed"] = types.ModuleType("deepspeed")
+    package = types.ModuleType("openrlhf_models_under_test")
+    package.__path__ = [os.path.join(os.path.dirname(openrlhf.__file__), "models")]
+    sys.modules[package.__name__] = package
+    loss = importlib.import_module(package.__name__ + ".loss")
+    utils = importlib.import_module(package.__name__ + ".utils")
+    return loss, utils
+
+
+OPENRLHF_POLICY_CASES = [
+    dict(),
+    dict(dual_clip=3.0, clip_eps_high=0.28),
+    dict(token_level_loss=False),
+    dict(is_correction_level="token", is_correction_mode="clip"),
+    dict(is_correction_level="seq", is_correction_threshold=(0.5, 2.0)),
+    dict(is_correction_level="token", is_correction_gating="tv", is_correction_threshold=(0.0, 0.3)),
+]
+
+
+@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + compiled_backends(), ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("case", range(len(OPENRLHF_POLICY_CASES)))
+def test_compat_openrlhf_policy_loss_matches_openrlhf(monkeypatch, backend_device, case):
+    from rlhfkern.compat import openrlhf as compat_openrlhf
+
+    backend, device = backend_device
+    monkeypatch.setenv("RLHFKERN_BACKEND", backend)
+    loss_mod, _ = openrlhf_losses()
+    kw = OPENRLHF_POLICY_CASES[case]
+    lp, old, adv, m, _, rollout, _ = batch(8, 40, torch.float32, spread=0.8)
+    rollout = old + (rollout - lp) * 0.3
+    for extra in ({}, dict(dp_size=2, batch_num_tokens=300.0, global_batch_size=12.0)):
+        a, b = lp.clone().requires_grad_(), lp.clone().to(device).requires_grad_()
+        theirs = loss_mod.PolicyLoss(**kw)(a, old, adv, m, rollout, **extra)
+        ours = compat_openrlhf.PolicyLoss(**kw)(b, old.to(device), adv.to(device), m.to(device), rollout.to(device),
+                                                **extra)
+        for x, y in zip(ours, theirs):
+            assert (x is None) == (y is None)
+            if x is not None:
+                close(x, y, 1e-5, 1e-6)
+        close(torch.autograd.grad(ours[0], b)[0], torch.autograd.grad(theirs[0], a)[0], 1e-5, 1e-7)
+
+
+@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + compiled_backends(), ids=lambda p: f"{p[0]}-{p[1]}")
+def test_compat_openrlhf_value_loss_and_kl_match_openrlhf(monkeypatch, backend_device):
+    from rlhfkern.compat import openrlhf as compat_openrlhf
+
+    backend, device = backend_device
+    monkeypatch.setenv("RLHFKERN_BACKEND", backend)
+    loss_mod, utils = openrlhf_losses()
+    v, oldv, ret = (torch.randn(6, 30) for _ in range(3))
+    _, _, _, m, _, _, _ = batch(6, 30, torch.float32)
+    for kw in (dict(), dict(clip_eps=0.2), dict(clip_eps=0.2, token_level_loss=False)):
+        for extra in ({}, dict(dp_size=4, batch_num_tokens=100.0, global_batch_size=10.0)):
+            a, b = v.clone().requires_grad_(), v.clone().to(device).requires_grad_()
+            theirs = loss_mod.ValueLoss(**kw)(a, oldv, ret, m, **extra)
+            ours = compat_openrlhf.ValueLoss(**kw)(b, oldv.to(device), ret.to(device), m.to(device), **extra)
+            close(ours, theirs, 1e-5, 1e-6)
+            close(torch.autograd.grad(ours, b)[0], torch.autograd.grad(theirs, a)[0], 1e-5, 1e-7)
+    lp, old, _, _, _, ref, _ = batch(4, 25, torch.float32)
+    ref[0, :3] = lp[0, :3] + torch.tensor([30.0, -30.0, 0.0])
+    for est in ("k1", "k2", "k3"):
+        for unbiased in (False, True):
+            a, b = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+            theirs = utils.compute_approx_kl(a, ref, old, est, unbiased)
+            ours = compat_openrlhf.compute_approx_kl(b, ref, old, est, unbiased)
+            close(ours, theirs, 1e-6, 1e-6)
+            w = torch.randn_like(ours)
+            close(torch.autograd.grad((ours * w).sum(), b)[0], torch.autograd.grad((theirs * w).sum(), a)[0], 1e-6, 1e-6)

@@ -9,6 +9,8 @@ def split_float(x):
     """x as three fp32 parts with hi + mid + lo == x exactly: Triton passes Python floats as fp32,
     so a float64 kernel takes its constants in parts and joins them with `join_float`."""
     x = float(x)
+    if not np.isfinite(x):
+        return x, 0.0, 0.0
     hi = float(np.float32(x))
     mid = float(np.float32(x - hi))
     return hi, mid, float(np.float32(x - hi - mid))
