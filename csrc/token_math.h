@@ -2,8 +2,8 @@
 // CUDA ones; no torch headers. Formulas and gradient rules: rlhfkern/ops/ppo_loss.py.
 //
 // Every function is a template over the lane type V: a scalar (float, double) or, on the CPU,
-// a GCC vector of floats (vfloat, one SSE register), so that one text serves the scalar and the
-// SIMD kernels.
+// a GCC vector of floats (vfloat4: SSE, vfloat8: AVX2), so that one text serves the scalar and
+// the SIMD kernels.
 // Per-lane choices are `cond ? a : b` on comparison results (bool for scalars, lane masks for
 // vectors); flags that are the same for every token are plain `if`s.
 #pragma once
@@ -23,10 +23,16 @@ struct Elem {
   using type = V;
 };
 #ifndef __CUDACC__
-typedef float vfloat __attribute__((vector_size(16)));
-typedef int32_t vint __attribute__((vector_size(16)));
+typedef float vfloat4 __attribute__((vector_size(16)));
+typedef int32_t vint4 __attribute__((vector_size(16)));
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef int32_t vint8 __attribute__((vector_size(32)));
 template <>
-struct Elem<vfloat> {
+struct Elem<vfloat4> {
+  using type = float;
+};
+template <>
+struct Elem<vfloat8> {
   using type = float;
 };
 #endif
@@ -47,7 +53,8 @@ RLHFKERN_HD float pow2i(float n) {
 #endif
 }
 #ifndef __CUDACC__
-inline vfloat pow2i(vfloat n) { return reinterpret_cast<vfloat>((__builtin_convertvector(n, vint) + 127) << 23); }
+inline vfloat4 pow2i(vfloat4 n) { return reinterpret_cast<vfloat4>((__builtin_convertvector(n, vint4) + 127) << 23); }
+inline vfloat8 pow2i(vfloat8 n) { return reinterpret_cast<vfloat8>((__builtin_convertvector(n, vint8) + 127) << 23); }
 #endif
 
 // exp for arguments in [-87, 88] (all callers clamp to [-20, 20]). float: a branch-free

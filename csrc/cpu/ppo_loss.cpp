@@ -11,11 +11,15 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "../common.h"
 #include "../token_math.h"
+#include "actor_loss_avx2.h"
+#include "actor_rows.h"
 
 namespace rlhfkern {
 namespace {
@@ -43,64 +47,6 @@ void check_inputs(const Inputs& in) {
               "log_prob, old_log_prob and advantages must share one dtype");
 }
 
-// SIMD lanes: float accumulation runs kWidth tokens at a time as a GCC vector (token_math.h), the
-// row's tail and double accumulation one token at a time; the same template serves both.
-template <typename acc_t>
-struct Lanes {
-  using type = acc_t;
-  static constexpr int width = 1;
-};
-constexpr int kWidth = sizeof(vfloat) / sizeof(float);
-template <>
-struct Lanes<float> {
-  using type = vfloat;
-  static constexpr int width = kWidth;
-};
-
-template <typename V, typename T>
-inline V load_lanes(const T* p) {
-  if constexpr (std::is_same_v<V, vfloat> && std::is_same_v<T, float>) {
-    V v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  } else if constexpr (std::is_same_v<V, vfloat>) {
-    float tmp[kWidth];
-    for (int j = 0; j < kWidth; ++j) tmp[j] = static_cast<float>(p[j]);
-    V v;
-    std::memcpy(&v, tmp, sizeof v);
-    return v;
-  } else {
-    return static_cast<V>(*p);
-  }
-}
-
-template <typename V>
-inline void store_lanes(elem_t<V>* p, V v) {
-  if constexpr (std::is_same_v<V, vfloat>) {
-    std::memcpy(p, &v, sizeof v);
-  } else {
-    *p = v;
-  }
-}
-
-template <typename V>
-inline elem_t<V> sum_lanes(V v) {  // a fixed order: deterministic
-  if constexpr (std::is_same_v<V, vfloat>) {
-    float s = 0;
-    for (int j = 0; j < kWidth; ++j) s += v[j];
-    return s;
-  } else {
-    return v;
-  }
-}
-
-// One row's inputs, already offset to the row. Absent optional inputs are never read.
-template <typename val_t, typename mask_t>
-struct Row {
-  const val_t *lp, *old, *adv, *isw, *ent, *ref;
-  const mask_t* m;
-};
-
 template <typename val_t, typename mask_t>
 Row<val_t, mask_t> row_of(const Inputs& in, int64_t b) {
   auto at = [b](const at::Tensor& x) -> const val_t* {
@@ -110,62 +56,53 @@ Row<val_t, mask_t> row_of(const Inputs& in, int64_t b) {
           in.mask.data_ptr<mask_t>() + b * in.mask.stride(0)};
 }
 
-template <typename V, typename val_t, typename mask_t>
-inline TokenTerms<V> terms_at(const Row<val_t, mask_t>& r, int64_t t, const TokenParams<elem_t<V>>& p) {
-  const V l = load_lanes<V>(r.lp + t);
-  return token_terms<V>(l, load_lanes<V>(r.old + t), load_lanes<V>(r.adv + t),
-                        r.isw ? load_lanes<V>(r.isw + t) : splat<V>(1), r.ref ? load_lanes<V>(r.ref + t) : l,
-                        r.ref != nullptr, p);
+// The AVX2 + FMA build serves float inputs with float, bool/uint8 or int64 masks when the
+// processor has it; everything else runs the baseline (SSE) build of the same row loops.
+// RLHFKERN_CPU_SIMD=sse (read at load) forces the baseline build, for tests and comparisons.
+bool use_avx2() {
+  const char* force = std::getenv("RLHFKERN_CPU_SIMD");
+  return rlhfkern_simd::avx2_available() && !(force && std::string(force) == "sse");
+}
+const bool kAvx2 = use_avx2();
+
+template <typename val_t, typename mask_t>
+int avx2_mask_kind() {
+  if (!kAvx2 || !std::is_same_v<val_t, float>) return -1;
+  if (std::is_same_v<mask_t, float>) return rlhfkern_simd::kMaskF32;
+  if (std::is_same_v<mask_t, bool> || std::is_same_v<mask_t, uint8_t>) return rlhfkern_simd::kMaskU8;
+  if (std::is_same_v<mask_t, int64_t>) return rlhfkern_simd::kMaskI64;
+  return -1;
 }
 
-// sums[c] += the column c terms of tokens [t0, t1), in steps of V's width
-template <typename V, typename val_t, typename mask_t>
-void actor_fwd_span(const Row<val_t, mask_t>& r, int64_t t0, int64_t t1, const TokenParams<elem_t<V>>& p, V* sums) {
-  constexpr int W = std::is_same_v<V, vfloat> ? kWidth : 1;
-  const V zero = splat<V>(0);
-  for (int64_t t = t0; t + W <= t1; t += W) {
-    const V mt = load_lanes<V>(r.m + t);
-    const auto on = mt != elem_t<V>(0);  // masked-out tokens never contribute, even nan/inf
-    const TokenTerms<V> k = terms_at<V>(r, t, p);
-    sums[0] += mt;
-    sums[1] += on ? mt * k.pg : zero;
-    if (r.ent) sums[2] += on ? mt * load_lanes<V>(r.ent + t) : zero;
-    sums[3] += on ? mt * k.kl : zero;
-    sums[4] += on ? mt * k.clipped : zero;
-    sums[5] += on ? mt * k.clipped_lower : zero;
-    sums[6] += on ? mt * k.neg_log_ratio : zero;
-  }
+template <typename val_t, typename mask_t>
+rlhfkern_simd::RowPtrs simd_row(const Row<val_t, mask_t>& r) {
+  auto f = [](const val_t* x) { return reinterpret_cast<const float*>(x); };  // val_t is float when used
+  return {f(r.lp), f(r.old), f(r.adv), f(r.isw), f(r.ent), f(r.ref), r.m};
 }
 
-// d log_prob (and d entropy when grad_ent) of tokens [t0, t1); c = (c_pg, c_kl, c_ent)
-template <typename V, typename val_t, typename mask_t>
-void actor_bwd_span(const Row<val_t, mask_t>& r, int64_t t0, int64_t t1, const TokenParams<elem_t<V>>& p,
-                    const elem_t<V>* c, elem_t<V> wb, elem_t<V>* grad, elem_t<V>* grad_ent) {
-  constexpr int W = std::is_same_v<V, vfloat> ? kWidth : 1;
-  const V zero = splat<V>(0);
-  for (int64_t t = t0; t + W <= t1; t += W) {
-    const V mt = load_lanes<V>(r.m + t);
-    const auto on = mt != elem_t<V>(0);
-    const TokenTerms<V> k = terms_at<V>(r, t, p);
-    const V wm = wb * mt;
-    store_lanes<V>(grad + t, on ? wm * (c[0] * k.dpg + c[1] * k.dkl) : zero);  // dkl is 0 without a reference
-    if (grad_ent) store_lanes<V>(grad_ent + t, on ? wm * c[2] : zero);
-  }
+template <typename acc_t>
+rlhfkern_simd::Params simd_params(const TokenParams<acc_t>& p) {
+  return {float(p.lo), float(p.hi), float(p.clip_c), p.dual, p.kl_base, p.kl_straight};
 }
+
+// Lane type of the baseline build: 4 floats (SSE2 is in every x86-64), or scalar for double
+template <typename acc_t>
+using Lane = std::conditional_t<std::is_same_v<acc_t, float>, vfloat4, acc_t>;
 
 template <typename val_t, typename mask_t, typename acc_t>
 void actor_fwd_impl(const Inputs& in, const TokenParams<acc_t>& p, acc_t* out) {
-  using V = typename Lanes<acc_t>::type;
   const int64_t B = in.lp.size(0), T = in.lp.size(1);
-  const int64_t body = T - T % Lanes<acc_t>::width;
+  const int kind = avx2_mask_kind<val_t, mask_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const auto r = row_of<val_t, mask_t>(in, b);
-      V wide[kColumns] = {};
-      acc_t tail[kColumns] = {};
-      actor_fwd_span<V>(r, 0, body, p, wide);
-      actor_fwd_span<acc_t>(r, body, T, p, tail);
-      for (int c = 0; c < kColumns; ++c) out[b * kColumns + c] = sum_lanes(wide[c]) + tail[c];
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (kind >= 0) {
+          rlhfkern_simd::actor_fwd_row_avx2(simd_row(r), kind, T, simd_params(p), out + b * kColumns);
+          continue;
+        }
+      }
+      actor_fwd_row<Lane<acc_t>>(r, T, p, out + b * kColumns);
     }
   });
 }
@@ -173,15 +110,19 @@ void actor_fwd_impl(const Inputs& in, const TokenParams<acc_t>& p, acc_t* out) {
 template <typename val_t, typename mask_t, typename acc_t>
 void actor_bwd_impl(const Inputs& in, const TokenParams<acc_t>& p, const acc_t* c, const acc_t* w, acc_t* grad,
                     acc_t* grad_ent) {
-  using V = typename Lanes<acc_t>::type;
   const int64_t B = in.lp.size(0), T = in.lp.size(1);
-  const int64_t body = T - T % Lanes<acc_t>::width;
+  const int kind = avx2_mask_kind<val_t, mask_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const auto r = row_of<val_t, mask_t>(in, b);
       acc_t* ge = grad_ent ? grad_ent + b * T : nullptr;
-      actor_bwd_span<V>(r, 0, body, p, c, w[b], grad + b * T, ge);
-      actor_bwd_span<acc_t>(r, body, T, p, c, w[b], grad + b * T, ge);
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (kind >= 0) {
+          rlhfkern_simd::actor_bwd_row_avx2(simd_row(r), kind, T, simd_params(p), c, w[b], grad + b * T, ge);
+          continue;
+        }
+      }
+      actor_bwd_row<Lane<acc_t>>(r, T, p, c, w[b], grad + b * T, ge);
     }
   });
 }

@@ -1,0 +1,57 @@
+// The actor-loss row loops of actor_rows.h compiled for AVX2 + FMA (8 floats a lane), in a
+// namespace of their own so that nothing compiled here is shared with the baseline build.
+// System headers come first, outside the target region.
+#include <math.h>
+#include <stdint.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "actor_loss_avx2.h"
+
+bool rlhfkern_simd::avx2_available() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace rlhfkern_avx2 {
+#include "../token_math.h"
+#include "actor_rows.h"
+}  // namespace rlhfkern_avx2
+
+namespace rlhfkern_simd {
+namespace {
+
+namespace k = rlhfkern_avx2::rlhfkern;
+
+template <typename mask_t>
+k::Row<float, mask_t> row(const RowPtrs& r) {
+  return {r.lp, r.old, r.adv, r.isw, r.ent, r.ref, static_cast<const mask_t*>(r.mask)};
+}
+
+k::TokenParams<float> params(const Params& p) { return {p.lo, p.hi, p.clip_c, p.dual, p.kl_base, p.kl_straight}; }
+
+}  // namespace
+
+void actor_fwd_row_avx2(const RowPtrs& r, int mask_kind, int64_t T, const Params& p, float* out7) {
+  switch (mask_kind) {
+    case kMaskF32: return k::actor_fwd_row<k::vfloat8>(row<float>(r), T, params(p), out7);
+    case kMaskU8: return k::actor_fwd_row<k::vfloat8>(row<uint8_t>(r), T, params(p), out7);
+    default: return k::actor_fwd_row<k::vfloat8>(row<int64_t>(r), T, params(p), out7);
+  }
+}
+
+void actor_bwd_row_avx2(const RowPtrs& r, int mask_kind, int64_t T, const Params& p, const float* c, float wb,
+                        float* grad, float* grad_ent) {
+  switch (mask_kind) {
+    case kMaskF32: return k::actor_bwd_row<k::vfloat8>(row<float>(r), T, params(p), c, wb, grad, grad_ent);
+    case kMaskU8: return k::actor_bwd_row<k::vfloat8>(row<uint8_t>(r), T, params(p), c, wb, grad, grad_ent);
+    default: return k::actor_bwd_row<k::vfloat8>(row<int64_t>(r), T, params(p), c, wb, grad, grad_ent);
+  }
+}
+
+}  // namespace rlhfkern_simd
+
+#pragma GCC pop_options
