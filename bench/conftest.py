@@ -72,7 +72,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     benchmarks = [b for b in getattr(session, "benchmarks", []) if b]
     if not benchmarks:
         return
-    header = (f"machine: {machine()}\ncommit: {commit()}\ntorch {torch.__version__}, "
+    header = (f"machine: {machine()}\ncommit: {commit()}\ncommand: python -m pytest {' '.join(config.invocation_params.args)}\n"
+              f"torch {torch.__version__}, "
               f"python {platform.python_version()}\n"
               "vs baseline: baseline time / this time; vs copy: this time / time to copy the op's bytes once")
     table = results_table(benchmarks)
