@@ -108,25 +108,19 @@ def _load_row(ptr, row, stride, t, inb, acc_dtype):
 
 
 @triton.jit
-def _actor_fwd_kernel(
-    lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ent_ptr, ref_ptr, out_ptr,
-    T, s_lp, s_old, s_adv, s_m, s_isw, s_ent, s_ref,
+def _actor_block_terms(
+    lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ref_ptr, row, t, inb, acc: tl.constexpr,
+    s_lp, s_old, s_adv, s_m, s_isw, s_ref,
     lo_hi, lo_mid, lo_lo, hi_hi, hi_mid, hi_lo, c_hi, c_mid, c_lo,
-    DUAL: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, HAS_REF: tl.constexpr,
-    KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr, BLOCK_T: tl.constexpr,
+    DUAL: tl.constexpr, HAS_ISW: tl.constexpr, HAS_REF: tl.constexpr,
+    KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    n_blk = tl.num_programs(1)
-    acc = out_ptr.dtype.element_ty
-    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    inb = t < T
+    """The mask and the per-token terms of one block of a row (shared by forward and backward)."""
     mt = tl.load(m_ptr + row * s_m + t, mask=inb, other=0).to(acc)
-    on = mt != 0  # masked-out tokens never contribute, even nan/inf
     lp = _load_row(lp_ptr, row, s_lp, t, inb, acc)
     old = _load_row(old_ptr, row, s_old, t, inb, acc)
     adv = _load_row(adv_ptr, row, s_adv, t, inb, acc)
-    is_w = tl.full((BLOCK_T,), 1.0, acc)
+    is_w = tl.full(t.shape, 1.0, acc)
     if HAS_ISW:
         is_w = _load_row(isw_ptr, row, s_isw, t, inb, acc)
     ref = lp
@@ -137,59 +131,49 @@ def _actor_fwd_kernel(
     clip_c = join_float(c_hi, c_mid, c_lo, acc)
     pg, dpg, kl, dkl, clipped, lower, nlr = _token_terms(lp, old, adv, is_w, ref, lo, hi, clip_c,
                                                           DUAL, HAS_REF, KL_BASE, KL_STRAIGHT)
-    base = out_ptr + (row * n_blk + blk) * 7
-    tl.store(base + 0, tl.sum(mt, 0))
-    tl.store(base + 1, tl.sum(tl.where(on, mt * pg, 0.0), 0))
-    ent_sum = tl.zeros((), acc)
-    if HAS_ENT:
-        ent = _load_row(ent_ptr, row, s_ent, t, inb, acc)
-        ent_sum = tl.sum(tl.where(on, mt * ent, 0.0), 0)
-    tl.store(base + 2, ent_sum)
-    tl.store(base + 3, tl.sum(tl.where(on, mt * kl, 0.0), 0))
-    tl.store(base + 4, tl.sum(tl.where(on, mt * clipped, 0.0), 0))
-    tl.store(base + 5, tl.sum(tl.where(on, mt * lower, 0.0), 0))
-    tl.store(base + 6, tl.sum(tl.where(on, mt * nlr, 0.0), 0))
+    return mt, pg, dpg, kl, dkl, clipped, lower, nlr
 
 
 @triton.jit
-def _actor_bwd_kernel(
-    coef_ptr, w_ptr, lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ref_ptr, grad_ptr, grad_ent_ptr,
-    T, s_lp, s_old, s_adv, s_m, s_isw, s_ref,
+def _actor_kernel(
+    lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ent_ptr, ref_ptr, out_ptr, coef_ptr, w_ptr, grad_ptr, grad_ent_ptr,
+    T, s_lp, s_old, s_adv, s_m, s_isw, s_ent, s_ref,
     lo_hi, lo_mid, lo_lo, hi_hi, hi_mid, hi_lo, c_hi, c_mid, c_lo,
-    DUAL: tl.constexpr, HAS_ISW: tl.constexpr, HAS_REF: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
-    KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr, BLOCK_T: tl.constexpr,
+    DUAL: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, HAS_REF: tl.constexpr,
+    KL_BASE: tl.constexpr, KL_STRAIGHT: tl.constexpr, BACKWARD: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
+    """Forward: the block's 7 column sums into out. Backward: d log_prob (and d entropy)."""
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
-    acc = grad_ptr.dtype.element_ty
+    acc = out_ptr.dtype.element_ty
     t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     inb = t < T
-    mt = tl.load(m_ptr + row * s_m + t, mask=inb, other=0).to(acc)
-    lp = _load_row(lp_ptr, row, s_lp, t, inb, acc)
-    old = _load_row(old_ptr, row, s_old, t, inb, acc)
-    adv = _load_row(adv_ptr, row, s_adv, t, inb, acc)
-    is_w = tl.full((BLOCK_T,), 1.0, acc)
-    if HAS_ISW:
-        is_w = _load_row(isw_ptr, row, s_isw, t, inb, acc)
-    ref = lp
-    if HAS_REF:
-        ref = _load_row(ref_ptr, row, s_ref, t, inb, acc)
-    lo = join_float(lo_hi, lo_mid, lo_lo, acc)
-    hi = join_float(hi_hi, hi_mid, hi_lo, acc)
-    clip_c = join_float(c_hi, c_mid, c_lo, acc)
-    pg, dpg, kl, dkl, clipped, lower, nlr = _token_terms(lp, old, adv, is_w, ref, lo, hi, clip_c,
-                                                          DUAL, HAS_REF, KL_BASE, KL_STRAIGHT)
-    c_pg = tl.load(coef_ptr).to(acc)
-    c_kl = tl.load(coef_ptr + 1).to(acc)
-    wb = tl.load(w_ptr + row).to(acc)
-    g = c_pg * dpg
-    if HAS_REF:
-        g += c_kl * dkl
-    on = mt != 0
-    tl.store(grad_ptr + row * T + t, tl.where(on, wb * mt * g, 0.0), mask=inb)
-    if ENTROPY_GRAD:
-        c_ent = tl.load(coef_ptr + 2).to(acc)
-        tl.store(grad_ent_ptr + row * T + t, tl.where(on, wb * mt * c_ent, 0.0), mask=inb)
+    mt, pg, dpg, kl, dkl, clipped, lower, nlr = _actor_block_terms(
+        lp_ptr, old_ptr, adv_ptr, m_ptr, isw_ptr, ref_ptr, row, t, inb, acc, s_lp, s_old, s_adv, s_m, s_isw, s_ref,
+        lo_hi, lo_mid, lo_lo, hi_hi, hi_mid, hi_lo, c_hi, c_mid, c_lo, DUAL, HAS_ISW, HAS_REF, KL_BASE, KL_STRAIGHT)
+    on = mt != 0  # masked-out tokens never contribute, even nan/inf
+    if BACKWARD:
+        wm = tl.load(w_ptr + row).to(acc) * mt
+        g = tl.load(coef_ptr).to(acc) * dpg
+        if HAS_REF:
+            g += tl.load(coef_ptr + 1).to(acc) * dkl
+        tl.store(grad_ptr + row * T + t, tl.where(on, wm * g, 0.0), mask=inb)
+        if ENTROPY_GRAD:
+            tl.store(grad_ent_ptr + row * T + t, tl.where(on, wm * tl.load(coef_ptr + 2).to(acc), 0.0), mask=inb)
+    else:
+        base = out_ptr + (row * tl.num_programs(1) + blk) * 7
+        tl.store(base + 0, tl.sum(mt, 0))
+        tl.store(base + 1, tl.sum(tl.where(on, mt * pg, 0.0), 0))
+        ent_sum = tl.zeros((), acc)
+        if HAS_ENT:
+            ent = _load_row(ent_ptr, row, s_ent, t, inb, acc)
+            ent_sum = tl.sum(tl.where(on, mt * ent, 0.0), 0)
+        tl.store(base + 2, ent_sum)
+        tl.store(base + 3, tl.sum(tl.where(on, mt * kl, 0.0), 0))
+        tl.store(base + 4, tl.sum(tl.where(on, mt * clipped, 0.0), 0))
+        tl.store(base + 5, tl.sum(tl.where(on, mt * lower, 0.0), 0))
+        tl.store(base + 6, tl.sum(tl.where(on, mt * nlr, 0.0), 0))
 
 
 @triton.jit
@@ -246,24 +230,29 @@ def _stride(x):
     return x.stride(0) if x is not None else 0
 
 
+def _launch_actor(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_high, clip_c, kl_code, *, out,
+                  coeffs=None, w=None, grad=None, grad_ent=None):
+    B, T = lp.shape
+    BLOCK_T = _block(T)
+    flags, consts = _params(clip_low, clip_high, clip_c, kl_code)
+    backward = grad is not None
+    some = lambda x: x if x is not None else lp  # noqa: E731  an absent input: any valid pointer
+    _actor_kernel[(B, triton.cdiv(T, BLOCK_T))](
+        lp, old, adv, mask, some(is_weights), some(entropy), some(ref), out, some(coeffs), some(w), some(grad),
+        some(grad_ent), T, lp.stride(0), old.stride(0), adv.stride(0), mask.stride(0), _stride(is_weights),
+        _stride(entropy), _stride(ref), *consts,
+        HAS_ISW=is_weights is not None, HAS_ENT=entropy is not None, HAS_REF=ref is not None, BACKWARD=backward,
+        ENTROPY_GRAD=grad_ent is not None, BLOCK_T=BLOCK_T, **flags,
+    )
+
+
 def actor_loss_fwd(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_high, clip_c, kl_code):
     """Per-row partial sums [B, 7] (columns of rlhfkern.ops.ppo_loss.COLUMNS)."""
     import torch
 
     B, T = lp.shape
-    acc = _acc(lp)
-    BLOCK_T = _block(T)
-    n_blk = triton.cdiv(T, BLOCK_T)
-    out = torch.empty((B, n_blk, N_COLUMNS), dtype=acc, device=lp.device)
-    flags, consts = _params(clip_low, clip_high, clip_c, kl_code)
-    _actor_fwd_kernel[(B, n_blk)](
-        lp, old, adv, mask, is_weights if is_weights is not None else lp, entropy if entropy is not None else lp,
-        ref if ref is not None else lp, out,
-        T, lp.stride(0), old.stride(0), adv.stride(0), mask.stride(0), _stride(is_weights), _stride(entropy),
-        _stride(ref), *consts,
-        HAS_ISW=is_weights is not None, HAS_ENT=entropy is not None, HAS_REF=ref is not None,
-        BLOCK_T=BLOCK_T, **flags,
-    )
+    out = torch.empty((B, triton.cdiv(T, _block(T)), N_COLUMNS), dtype=_acc(lp), device=lp.device)
+    _launch_actor(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_high, clip_c, kl_code, out=out)
     return out.sum(1)
 
 
@@ -272,21 +261,12 @@ def actor_loss_bwd(coeffs, w, lp, old, adv, mask, is_weights, ref, clip_low, cli
     weights w; d entropy is empty unless entropy_grad."""
     import torch
 
-    B, T = lp.shape
     acc = _acc(lp)
-    BLOCK_T = _block(T)
-    grad = torch.empty((B, T), dtype=acc, device=lp.device)
-    grad_ent = torch.empty((B, T) if entropy_grad else (0,), dtype=acc, device=lp.device)
-    flags, consts = _params(clip_low, clip_high, clip_c, kl_code)
-    _actor_bwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
-        coeffs.to(acc).contiguous(), w.contiguous(), lp, old, adv, mask,
-        is_weights if is_weights is not None else lp, ref if ref is not None else lp, grad,
-        grad_ent if entropy_grad else grad,
-        T, lp.stride(0), old.stride(0), adv.stride(0), mask.stride(0), _stride(is_weights), _stride(ref),
-        *consts,
-        HAS_ISW=is_weights is not None, HAS_REF=ref is not None, ENTROPY_GRAD=bool(entropy_grad), BLOCK_T=BLOCK_T,
-        **flags,
-    )
+    grad = torch.empty(lp.shape, dtype=acc, device=lp.device)
+    grad_ent = torch.empty(lp.shape if entropy_grad else (0,), dtype=acc, device=lp.device)
+    _launch_actor(lp, old, adv, mask, is_weights, None, ref, clip_low, clip_high, clip_c, kl_code, out=grad,
+                  coeffs=coeffs.to(acc).contiguous(), w=w.contiguous(), grad=grad,
+                  grad_ent=grad_ent if entropy_grad else None)
     return grad, grad_ent
 
 
