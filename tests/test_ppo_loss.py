@@ -495,3 +495,19 @@ def test_cpu_sse_build_matches_the_reference_too():
     env = dict(os.environ, RLHFKERN_CPU_SIMD="sse")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_actor_loss_mixed_dtypes(backend_device):
+    backend, device = backend_device
+    lp, old, adv, m, ent, ref, isw = batch(4, 33, torch.float32, device)
+    lp16 = lp.to(torch.bfloat16)
+    a = lp16.clone().requires_grad_()
+    loss, _ = rlhfkern.actor_loss(a, old, adv, m, ref_log_prob=ref, kl_coef=0.1, is_weights=isw.double(),
+                                  backend=backend)
+    grad, = torch.autograd.grad(loss, a)
+    assert loss.dtype == torch.float64 and grad.dtype == torch.bfloat16  # promoted, cast back for autograd
+    b = lp16.double().cpu().requires_grad_()
+    e_loss, _ = actor_loss_reference(b, old.cpu().double(), adv.cpu().double(), m.cpu(), ref_log_prob=ref.cpu().double(),
+                                     kl_coef=0.1, is_weights=isw.cpu().double())
+    close(loss, e_loss, 1e-10, 1e-10)
+    close(grad.double(), torch.autograd.grad(e_loss, b)[0].to(torch.bfloat16).double(), 1e-2, 1e-6)

@@ -263,8 +263,8 @@ def _actor_loss_op(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage
                    loss_scale_factor: float | None, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (losses [4] = total, pg, entropy, kl; metrics [3] = clipfrac, clipfrac_lower,
     ppo_kl; row weights w_b [B])."""
-    partials = _kernel("actor_loss_fwd", backend)(log_prob, old_log_prob, advantages, mask, is_weights, entropy, ref_log_prob,
-                       clip_low, clip_high, clip_c, kl_code)
+    partials = _kernel("actor_loss_fwd", backend)(log_prob, old_log_prob, advantages, mask, is_weights, entropy,
+                                                  ref_log_prob, clip_low, clip_high, clip_c, kl_code)
     w = _row_weights(partials, agg, log_prob.shape[-1], dp_size, batch_num_tokens, global_batch_size,
                      loss_scale_factor)
     parts = (w[:, None] * partials[:, 1:4]).sum(0)  # pg, entropy, kl
@@ -359,9 +359,10 @@ def actor_loss(log_prob, old_log_prob, advantages, mask, *, entropy=None, ref_lo
             clip_c=clip_c, agg=agg, is_weights=is_weights, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
             global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
     shape = log_prob.shape
-    rows = lambda x: None if x is None else _rows2d(x, shape)  # noqa: E731
+    common = _common_dtype(log_prob, old_log_prob, advantages, is_weights, entropy, ref_log_prob)
+    rows = lambda x: None if x is None else _rows2d(x.to(common), shape)  # noqa: E731  autograd sees the cast
     losses, metric_values, _ = _actor_loss_op(
-        rows(log_prob), rows(old_log_prob), rows(advantages), rows(mask), rows(is_weights), rows(entropy),
+        rows(log_prob), rows(old_log_prob), rows(advantages), _rows2d(mask, shape), rows(is_weights), rows(entropy),
         rows(ref_log_prob), float(clip_low), float(clip_high), float(clip_c) if clip_c is not None else 0.0,
         kl_code[0] + 4 * int(kl_code[1]), entropy_coeff, kl_coef, agg, int(dp_size), batch_num_tokens,
         global_batch_size, loss_scale_factor, which)
