@@ -83,9 +83,13 @@ def backends():
 
 def resolve(backend, device, op_backends=BACKENDS):
     """The concrete backend an op runs for `backend` (None/"auto"/name) on tensors on `device`.
-    `op_backends`: the backends the op has (an op without a CUDA kernel runs Triton on GPUs)."""
+    `op_backends`: the backends the op has (an op without a CUDA kernel runs Triton on GPUs).
+    A backend named in the environment that the op lacks means "auto" for that op; one named
+    in the call must exist."""
     if backend is None:
         backend = os.environ.get(ENV_VAR) or "auto"
+        if backend in BACKENDS and backend not in op_backends:
+            backend = "auto"
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     device_type = torch.device(device).type

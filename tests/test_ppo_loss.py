@@ -369,6 +369,13 @@ def test_bad_input_names_the_argument(backend):
         rlhfkern.actor_loss(lp, old, adv, m, backend="cuda")
 
 
+def test_environment_backend_the_op_lacks_means_auto(monkeypatch):
+    lp, old, adv, m, *_ = batch(3, 8)
+    monkeypatch.setenv("RLHFKERN_BACKEND", "cuda")  # the loss family has no CUDA kernel
+    loss, _ = rlhfkern.actor_loss(lp, old, adv, m)
+    close(loss, actor_loss_reference(lp, old, adv, m)[0], 1e-12, 1e-12)
+
+
 # ----------------------------------------------------------------------------- OpenRLHF drop-ins
 def openrlhf_losses():
     """OpenRLHF 0.11.2's own models/loss.py and models/utils.py. The package `openrlhf.models`
