@@ -18,6 +18,13 @@ TORCH_LIBRARY(rlhfkern, m) {
   m.def("value_loss_fwd(Tensor vpreds, Tensor returns, Tensor old_values, Tensor mask, float clip) -> Tensor");
   m.def("value_loss_bwd(Tensor coeff, Tensor w, Tensor vpreds, Tensor returns, Tensor old_values, Tensor mask, "
         "float clip) -> Tensor");
+  // Log-prob family (rlhfkern/ops/logprob.py): per-row log-probs of K labels, entropy, (lse, E_p[z]);
+  // d logits into a new buffer or, opted in, into the logits themselves.
+  m.def("logprobs_fwd(Tensor logits, Tensor labels, float temperature, bool entropy) -> (Tensor, Tensor, Tensor)");
+  m.def("logprobs_bwd(Tensor grad_lp, Tensor? grad_ent, Tensor logits, Tensor labels, Tensor stats, "
+        "float temperature) -> Tensor");
+  m.def("logprobs_bwd_(Tensor grad_lp, Tensor? grad_ent, Tensor(a!) logits, Tensor labels, Tensor stats, "
+        "float temperature) -> ()");
   m.def("kl_penalty_fwd(Tensor log_prob, Tensor ref_log_prob, int kl_code) -> (Tensor, Tensor)");
 }
 

@@ -75,6 +75,16 @@ RLHFKERN_HD V exp_fast(V x) {
   return p * pow2i(n);
 }
 
+// exp for x <= 0 of any size: exp_fast on [-87, 0], exactly 0 below (where expf underflows),
+// nan for nan. For softmax terms exp(z - max).
+template <typename V>
+RLHFKERN_HD V exp_nonpositive(V x) {
+  using E = elem_t<V>;
+  const V safe = x < E(-87) ? splat<V>(E(-87)) : x;
+  const V e = exp_fast(safe);
+  return x < E(-87) ? splat<V>(0) : e;
+}
+
 template <typename V>
 RLHFKERN_HD V clamp_value(V x, elem_t<V> lo, elem_t<V> hi) {
   return x < lo ? splat<V>(lo) : (x > hi ? splat<V>(hi) : x);  // nan stays nan, as torch.clamp

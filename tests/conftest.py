@@ -34,3 +34,25 @@ def backend_device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def openrlhf_losses():
+    """OpenRLHF 0.11.2's own models/loss.py and models/utils.py. The package `openrlhf.models`
+    imports model code that needs deepspeed and flash-attn (CUDA builds, not installable here), so
+    these two files are loaded on their own; `deepspeed`, imported by utils.py for functions the
+    tests never call, is an empty stand-in when it is not installed."""
+    import importlib
+    import os
+    import sys
+    import types
+
+    import openrlhf
+
+    if "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is None:
+        sys.modules["deepspeed"] = types.ModuleType("deepspeed")
+    package = types.ModuleType("openrlhf_models_under_test")
+    package.__path__ = [os.path.join(os.path.dirname(openrlhf.__file__), "models")]
+    sys.modules[package.__name__] = package
+    loss = importlib.import_module(package.__name__ + ".loss")
+    utils = importlib.import_module(package.__name__ + ".utils")
+    return loss, utils

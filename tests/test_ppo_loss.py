@@ -12,7 +12,7 @@ from rlhfkern.compat import verl as compat_verl
 from rlhfkern.ops.ppo_loss import (AGG_MODES, KL_KINDS, actor_loss_reference, agg_loss_reference,
                                    kl_penalty_reference, value_loss_reference)
 
-from conftest import compiled_backends
+from conftest import compiled_backends, openrlhf_losses
 
 KL_ALL = sorted(KL_KINDS) + [k + "+" for k in sorted(KL_KINDS)]
 
@@ -377,28 +377,6 @@ def test_environment_backend_the_op_lacks_means_auto(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- OpenRLHF drop-ins
-def openrlhf_losses():
-    """OpenRLHF 0.11.2's own models/loss.py and models/utils.py. The package `openrlhf.models`
-    imports model code that needs deepspeed and flash-attn (CUDA builds, not installable here), so
-    these two files are loaded on their own; `deepspeed`, imported by utils.py for functions the
-    tests never call, is an empty stand-in when it is not installed."""
-    import importlib
-    import os
-    import sys
-    import types
-
-    import openrlhf
-
-    if "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is None:
-        sys.modules["deepspeed"] = types.ModuleType("deepspeed")
-    package = types.ModuleType("openrlhf_models_under_test")
-    package.__path__ = [os.path.join(os.path.dirname(openrlhf.__file__), "models")]
-    sys.modules[package.__name__] = package
-    loss = importlib.import_module(package.__name__ + ".loss")
-    utils = importlib.import_module(package.__name__ + ".utils")
-    return loss, utils
-
-
 OPENRLHF_POLICY_CASES = [
     dict(),
     dict(dual_clip=3.0, clip_eps_high=0.28),

@@ -1,5 +1,5 @@
 // Row loops of the fused actor loss on the CPU, torch-free: csrc/cpu/ppo_loss.cpp includes them
-// for its SSE build (V = vfloat4) and csrc/cpu/actor_loss_avx2.cpp for its AVX2 + FMA build
+// for its SSE build (V = vfloat4) and csrc/cpu/avx2.cpp for its AVX2 + FMA build
 // (V = vfloat8, chosen at run time when the processor has them). A row runs its tokens in
 // blocks of V's width, its tail one token at a time with the same templates (token_math.h).
 // Include inside the namespace of the includer, after token_math.h, <cstring> and <type_traits>.

@@ -11,14 +11,12 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <type_traits>
 
 #include "../common.h"
 #include "../token_math.h"
-#include "actor_loss_avx2.h"
+#include "avx2.h"
 #include "actor_rows.h"
 
 namespace rlhfkern {
@@ -58,16 +56,9 @@ Row<val_t, mask_t> row_of(const Inputs& in, int64_t b) {
 
 // The AVX2 + FMA build serves float inputs with float, bool/uint8 or int64 masks when the
 // processor has it; everything else runs the baseline (SSE) build of the same row loops.
-// RLHFKERN_CPU_SIMD=sse (read at load) forces the baseline build, for tests and comparisons.
-bool use_avx2() {
-  const char* force = std::getenv("RLHFKERN_CPU_SIMD");
-  return rlhfkern_simd::avx2_available() && !(force && std::string(force) == "sse");
-}
-const bool kAvx2 = use_avx2();
-
 template <typename val_t, typename mask_t>
 int avx2_mask_kind() {
-  if (!kAvx2 || !std::is_same_v<val_t, float>) return -1;
+  if (!rlhfkern_simd::avx2_in_use() || !std::is_same_v<val_t, float>) return -1;
   if (std::is_same_v<mask_t, float>) return rlhfkern_simd::kMaskF32;
   if (std::is_same_v<mask_t, bool> || std::is_same_v<mask_t, uint8_t>) return rlhfkern_simd::kMaskU8;
   if (std::is_same_v<mask_t, int64_t>) return rlhfkern_simd::kMaskI64;

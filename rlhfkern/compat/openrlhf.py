@@ -1,19 +1,22 @@
 """Drop-in replacements for OpenRLHF 0.11 loss pieces: `PolicyLoss`, `ValueLoss`,
-`compute_approx_kl`, with OpenRLHF's own semantics (its clamps, its two aggregation modes).
+`compute_approx_kl`, `log_probs_from_logits`, with OpenRLHF's own semantics (its clamps, its two
+aggregation modes).
 
-    from rlhfkern.compat.openrlhf import PolicyLoss, ValueLoss, compute_approx_kl
+    from rlhfkern.compat.openrlhf import PolicyLoss, ValueLoss, compute_approx_kl, log_probs_from_logits
 
 PolicyLoss (policy_loss_type="ppo", with or without the train/rollout IS correction) and
 ValueLoss run the fused kernels: OpenRLHF's token-level loss is our "token-mean", its
 sample-level loss our "seq-mean-token-mean". Differences, all deliberate: masked-out tokens never
 reach a loss (OpenRLHF's `loss * mask` turns a nan/inf there into a nan loss); at exact ties of
 the value clip (|v - old| == clip_eps) the gradient is split in halves as torch.max/min do rather
-than passed whole as torch.clamp does. policy_loss_type="gspo" is not provided: it raises.
+than passed whole as torch.clamp does. policy_loss_type="gspo" is not provided: it raises. log_probs_from_logits leaves the logits as
+they are (OpenRLHF divides them by the temperature in place) and returns float32.
 """
 
 import torch
 from torch import nn
 
+from ..ops import logprob as _lp
 from ..ops import ppo_loss as _pl
 
 KL_IS_WEIGHT_CLIP = 10.0  # OpenRLHF's bound on pi/pi_old in the unbiased KL gradient
@@ -138,3 +141,8 @@ def compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimato
         w = (log_probs.float() - log_probs_old.float()).exp().clamp(max=KL_IS_WEIGHT_CLIP).detach()
     surrogate = w * (log_ratio**2 / 2.0)  # its gradient: w * k1 * grad log pi, the reverse-KL gradient
     return value.detach() + surrogate - surrogate.detach()
+
+
+def log_probs_from_logits(logits, labels, temperature=1.0):
+    """OpenRLHF log_probs_from_logits: log-probs of labels under softmax(logits / temperature)."""
+    return _lp.logprobs(logits, labels, temperature=temperature)

@@ -14,6 +14,7 @@ import torch
 
 from ..ops import advantages as _adv
 from ..ops import gae as _gae
+from ..ops import logprob as _lp
 from ..ops import ppo_loss as _pl
 
 
@@ -147,3 +148,16 @@ def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_
     with torch.no_grad():
         _check_count(response_mask)
         return _adv.reinforce_pp_advantage(token_level_rewards, response_mask, _field(config, "gamma"))
+
+
+# ----------------------------------------------------------------------------- log-probs
+def logprobs_from_logits(logits, labels, inplace_backward=True):
+    """verl logprobs_from_logits: log-probs of labels, float32; the backward writes into the
+    logits when inplace_backward (as verl's flash-attn path does)."""
+    return _lp.logprobs(logits, labels, inplace_backward=inplace_backward)
+
+
+def entropy_from_logits(logits):
+    """verl entropy_from_logits: H = logsumexp(z) - sum softmax(z) z, float32."""
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return _lp.logprobs(logits, labels, return_entropy=True)[1]

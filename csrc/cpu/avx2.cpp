@@ -1,16 +1,23 @@
-// The actor-loss row loops of actor_rows.h compiled for AVX2 + FMA (8 floats a lane), in a
-// namespace of their own so that nothing compiled here is shared with the baseline build.
+// The CPU row loops (actor_rows.h, softmax_rows.h) compiled for AVX2 + FMA (8 floats a lane), in
+// a namespace of their own so that nothing compiled here is shared with the baseline build.
 // System headers come first, outside the target region.
 #include <math.h>
 #include <stdint.h>
 
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
-#include "actor_loss_avx2.h"
+#include "avx2.h"
 
-bool rlhfkern_simd::avx2_available() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+bool rlhfkern_simd::avx2_in_use() {
+  static const bool use = [] {
+    const char* force = std::getenv("RLHFKERN_CPU_SIMD");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !(force && std::string(force) == "sse");
+  }();
+  return use;
 }
 
 #pragma GCC push_options
@@ -19,6 +26,7 @@ bool rlhfkern_simd::avx2_available() {
 namespace rlhfkern_avx2 {
 #include "../token_math.h"
 #include "actor_rows.h"
+#include "softmax_rows.h"
 }  // namespace rlhfkern_avx2
 
 namespace rlhfkern_simd {
@@ -50,6 +58,16 @@ void actor_bwd_row_avx2(const RowPtrs& r, int mask_kind, int64_t T, const Params
     case kMaskU8: return k::actor_bwd_row<k::vfloat8>(row<uint8_t>(r), T, params(p), c, wb, grad, grad_ent);
     default: return k::actor_bwd_row<k::vfloat8>(row<int64_t>(r), T, params(p), c, wb, grad, grad_ent);
   }
+}
+
+void logprob_row_avx2(const float* x, int64_t n, float temp, const int64_t* labels, int64_t k, float* lp, float* ent,
+                      float* stats) {
+  k::logprob_row<k::vfloat8>(x, n, temp, labels, k, lp, ent, stats);
+}
+
+void logprob_row_backward_avx2(const float* x, float* out, int64_t n, float temp, float lse, float ez, float g_sum,
+                               float g_ent, const int64_t* labels, const float* g_lp, int64_t k) {
+  k::softmax_row_backward<k::vfloat8>(x, out, n, temp, lse, ez, g_sum, g_ent, labels, g_lp, k);
 }
 
 }  // namespace rlhfkern_simd

@@ -1,0 +1,176 @@
+"""Log-prob family: log-probabilities of chosen tokens and the entropy, from logits, memory-lean.
+
+For a row of logits x (V entries) at temperature T, z = x / T:
+
+    lse        = log sum_v exp(z_v)                   (online over vocabulary tiles)
+    logprob_k  = z[label_k] - lse                     (label -100: 0; any other label outside [0, V): nan)
+    H          = lse - E_p[z],  p = softmax(z)        (terms with z = -inf count 0)
+    d x_v      = (sum_k g_k [v = label_k] - G p_v - g_H p_v (z_v - E_p[z])) / T,   G = sum over valid k
+
+Outputs are float32 (float64 for float64 logits) whatever the logits dtype; no [N, V] float32
+intermediate is ever made: the forward keeps (lse, E_p[z]) per row and the backward recomputes p
+from the logits. With `inplace_backward=True` the gradient is written into the logits buffer
+(its version counter is bumped, so a later use of the old values in autograd is caught).
+Each row is reduced on its own in a fixed order: a token's results do not depend on the batch.
+"""
+
+import numbers
+
+import torch
+
+from .. import _dispatch
+
+IGNORE_INDEX = -100
+OP_BACKENDS = ("torch", "cpu", "triton")
+
+
+# ----------------------------------------------------------------------------- reference (spec)
+def _acc(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def logprobs_reference(logits, labels, temperature=1.0, return_entropy=False):
+    """The spec, by composition: labels [...] (one per position) or [..., K]."""
+    squeeze = labels.dim() == logits.dim() - 1
+    lab = labels.unsqueeze(-1) if squeeze else labels
+    z = logits.to(_acc(logits)) / temperature
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    V = z.shape[-1]
+    valid = (lab >= 0) & (lab < V)
+    picked = torch.gather(z, -1, torch.where(valid, lab, 0)) - lse
+    nan = torch.full_like(picked, float("nan"))
+    lp = torch.where(lab == IGNORE_INDEX, torch.zeros_like(picked), torch.where(valid, picked, nan))
+    lp = lp.squeeze(-1) if squeeze else lp
+    if not return_entropy:
+        return lp
+    p = torch.exp(z - lse)
+    finite_z = torch.where(z == float("-inf"), torch.zeros_like(z), z)
+    entropy = lse.squeeze(-1) - (p * finite_z).sum(-1)
+    return lp, entropy
+
+
+# ----------------------------------------------------------------------------- kernels
+def _kernels(backend):
+    if backend == "triton":
+        from ..triton_kernels import logprob as k
+
+        def bwd(g, ge, logits, labels, stats, t):
+            return k.logprobs_bwd_into(g, ge, logits, labels, stats, t, torch.empty_like(logits))
+
+        def bwd_(g, ge, logits, labels, stats, t):
+            k.logprobs_bwd_into(g, ge, logits, labels, stats, t, logits)
+
+        return k.logprobs_fwd, bwd, bwd_
+    ops = torch.ops.rlhfkern
+    return ops.logprobs_fwd, ops.logprobs_bwd, ops.logprobs_bwd_
+
+
+@torch.library.custom_op("rlhfkern::logprobs", mutates_args=())
+def _logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, entropy: bool,
+                 inplace_backward: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs [N, K], entropy [N] or [0], stats [N, 2] = (lse, E_p[z]))."""
+    return _kernels(backend)[0](logits, labels, temperature, entropy)
+
+
+@_logprobs_op.register_fake
+def _(logits, labels, temperature, entropy, inplace_backward, backend):
+    acc = _acc(logits)
+    N = logits.shape[0]
+    return (logits.new_empty(labels.shape, dtype=acc), logits.new_empty((N if entropy else 0,), dtype=acc),
+            logits.new_empty((N, 2), dtype=acc))
+
+
+@torch.library.custom_op("rlhfkern::logprobs_backward", mutates_args=())
+def _logprobs_backward_op(grad_lp: torch.Tensor, grad_ent: torch.Tensor | None, logits: torch.Tensor,
+                          labels: torch.Tensor, stats: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
+    return _kernels(backend)[1](grad_lp, grad_ent, logits, labels, stats, temperature)
+
+
+@_logprobs_backward_op.register_fake
+def _(grad_lp, grad_ent, logits, labels, stats, temperature, backend):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("rlhfkern::logprobs_backward_", mutates_args=("logits",))
+def _logprobs_backward_inplace_op(grad_lp: torch.Tensor, grad_ent: torch.Tensor | None, logits: torch.Tensor,
+                                  labels: torch.Tensor, stats: torch.Tensor, temperature: float, backend: str) -> None:
+    """d logits written over the logits."""
+    _kernels(backend)[2](grad_lp, grad_ent, logits, labels, stats, temperature)
+
+
+@_logprobs_backward_inplace_op.register_fake
+def _(grad_lp, grad_ent, logits, labels, stats, temperature, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, entropy, inplace_backward, backend = inputs
+    ctx.save_for_backward(logits, labels, output[2])
+    ctx.args = (temperature, inplace_backward, backend)
+
+
+def _backward(ctx, grad_lp, grad_ent, grad_stats):
+    logits, labels, stats = ctx.saved_tensors
+    temperature, inplace_backward, backend = ctx.args
+    acc = stats.dtype
+    grad_lp = torch.zeros(labels.shape, dtype=acc, device=logits.device) if grad_lp is None else grad_lp.to(acc)
+    grad_ent = None if grad_ent is None or grad_ent.numel() == 0 else grad_ent.to(acc)
+    if inplace_backward:  # the dispatcher bumps the version of the mutated logits
+        _logprobs_backward_inplace_op(grad_lp, grad_ent, logits, labels, stats, temperature, backend)
+        return logits, None, None, None, None, None
+    return _logprobs_backward_op(grad_lp, grad_ent, logits, labels, stats, temperature, backend), None, None, None, None, None
+
+
+torch.library.register_autograd("rlhfkern::logprobs", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public op
+def _check(logits, labels, temperature):
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating tensor [..., V], got {getattr(logits, 'dtype', type(logits))}")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+    lead = logits.shape[:-1]
+    if not (labels.shape == lead or (labels.dim() == logits.dim() and labels.shape[:-1] == lead)):
+        raise ValueError(f"labels has shape {tuple(labels.shape)}: expected {tuple(lead)} or {tuple(lead)} + (K,) "
+                         f"for logits of shape {tuple(logits.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
+    if not isinstance(temperature, numbers.Real) or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    # a label outside [0, V) other than -100: a ValueError for CPU tensors in eager mode (a free
+    # check there), nan elsewhere (checking a GPU tensor would be a host sync)
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        V = logits.shape[-1]
+        bad = ((labels < 0) | (labels >= V)) & (labels != IGNORE_INDEX)
+        if bad.any():
+            raise ValueError(f"labels must lie in [0, {V}) or be {IGNORE_INDEX} (ignored), "
+                             f"got {labels[bad].flatten()[0].item()}")
+
+
+def logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_backward=False, backend=None):
+    """Log-probabilities of `labels` under softmax(logits / temperature), and the entropy.
+
+    logits [..., V] float32/bf16/fp16/float64; labels [...] or [..., K] integer (label -100 is
+    ignored: log-prob 0, no gradient; another label outside [0, V) raises for CPU tensors and
+    gives nan on GPUs). Returns float32 log-probs shaped like labels, and the
+    entropy [...] when `return_entropy`. Differentiable w.r.t. logits; `inplace_backward=True`
+    writes the gradient into the logits buffer. Formulas: this module's docstring.
+    """
+    _check(logits, labels, temperature)
+    which = _dispatch.resolve(backend, logits.device, OP_BACKENDS)
+    if which == "torch":
+        return logprobs_reference(logits, labels, temperature, return_entropy)
+    squeeze = labels.dim() == logits.dim() - 1
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V)
+    x = x if V <= 1 or x.stride(-1) == 1 else x.contiguous()
+    lab = labels.reshape(x.shape[0], -1).to(torch.int64).contiguous()
+    lp, ent, _ = _logprobs_op(x, lab, float(temperature), bool(return_entropy), bool(inplace_backward), which)
+    lp = lp.reshape(labels.shape) if squeeze else lp.reshape(labels.shape)
+    if not return_entropy:
+        return lp
+    return lp, ent.reshape(logits.shape[:-1])

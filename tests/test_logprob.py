@@ -1,0 +1,244 @@
+"""Log-prob family: every backend against the float64 reference (log-probs, entropy, gradients),
+adversarial logits and vocabularies, K candidates, temperature, the in-place backward, batch
+invariance, the verl / OpenRLHF / TRL drop-ins against those libraries, validation, compile."""
+
+import pytest
+import torch
+
+import rlhfkern
+from rlhfkern.compat import openrlhf as compat_openrlhf
+from rlhfkern.compat import trl as compat_trl
+from rlhfkern.compat import verl as compat_verl
+from rlhfkern.ops.logprob import logprobs_reference
+
+from conftest import compiled_backends, openrlhf_losses
+
+VOCABS = [1, 7, 32000, 50257, 151936]
+
+
+def rows_for(V, backend, device):
+    """Few rows for the large vocabularies in the Triton interpreter (its cost is per element)."""
+    return 2 if (backend == "triton" and device == "cpu" and V > 1000) else 5
+
+
+def make(N, V, dtype=torch.float32, device="cpu", K=None, scale=3.0):
+    x = (torch.randn(N, V, dtype=torch.float64) * scale).to(dtype)
+    shape = (N,) if K is None else (N, K)
+    labels = torch.randint(0, V, shape)
+    return x.to(device), labels.to(device)
+
+
+def close(actual, expected, rtol, atol):
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(), rtol=rtol,
+                               atol=atol, equal_nan=True)
+
+
+def run(fn, x, labels, g_lp, g_ent, **kw):
+    """(log-probs, entropy, d logits) of one implementation for upstream gradients g_lp, g_ent."""
+    x = x.detach().clone().requires_grad_()
+    lp, ent = fn(x, labels, return_entropy=True, **kw)
+    loss = (lp * g_lp.to(lp)).sum() + (ent * g_ent.to(ent)).sum()
+    return lp, ent, torch.autograd.grad(loss, x)[0]
+
+
+def check(backend, device, x, labels, temperature=1.0, tol=1e-5, grad_tol=1e-5):
+    g_lp = torch.randn(labels.shape, dtype=torch.float64)
+    g_ent = torch.randn(x.shape[:-1], dtype=torch.float64)
+    ours = run(lambda *a, **k: rlhfkern.logprobs(*a, backend=backend, **k), x, labels, g_lp.to(device), g_ent.to(device),
+               temperature=temperature)
+    ref = run(lambda *a, **k: logprobs_reference(*a, temperature, k["return_entropy"]), x.cpu().double(), labels.cpu(),
+              g_lp, g_ent)
+    assert ours[0].dtype == ours[1].dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    assert ours[0].shape == labels.shape and ours[2].dtype == x.dtype
+    close(ours[0], ref[0], tol, tol)
+    close(ours[1], ref[1], tol, tol)
+    close(ours[2], ref[2], grad_tol, grad_tol)
+    return ours
+
+
+# ----------------------------------------------------------------------------- reference
+def test_reference_against_log_softmax_and_autograd():
+    x, labels = make(4, 11, torch.float64, K=3)
+    labels[0, 1] = -100
+    lp, ent = logprobs_reference(x, labels, 0.5, True)
+    ls = (x / 0.5).log_softmax(-1)
+    expected = ls.gather(-1, labels.clamp(min=0))
+    expected[0, 1] = 0
+    close(lp, expected, 1e-14, 1e-14)
+    close(ent, -(ls.exp() * ls).sum(-1), 1e-12, 1e-12)
+    assert torch.autograd.gradcheck(lambda t: torch.cat([v.flatten() for v in logprobs_reference(t, labels, 0.7, True)]),
+                                    (x.clone().requires_grad_(),))
+
+
+# ----------------------------------------------------------------------------- backends
+@pytest.mark.parametrize("V", VOCABS)
+def test_vocab_sizes(backend_device, V):
+    backend, device = backend_device
+    x, labels = make(rows_for(V, backend, device), V, device=device)
+    check(backend, device, x, labels)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
+def test_k_candidates_and_temperature(backend_device, temperature):
+    backend, device = backend_device
+    x, labels = make(6, 333, device=device, K=4)
+    labels[0, 2] = labels[0, 1]  # a repeated candidate
+    labels[1, 0] = -100  # ignored: log-prob 0, no gradient
+    ours = check(backend, device, x, labels, temperature)
+    assert ours[0][1, 0] == 0
+
+
+def test_float64_tight(backend_device):
+    backend, device = backend_device
+    x, labels = make(4, 1000, torch.float64, device, K=2)
+    check(backend, device, x, labels, 0.9, tol=1e-12, grad_tol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_logits(backend_device, dtype):
+    backend, device = backend_device
+    x, labels = make(4, 3001, dtype, device)
+    # the reference sees the same half values, upcast exactly: what is left is float32 rounding
+    check(backend, device, x, labels, tol=2e-5, grad_tol=1e-2)
+
+
+def test_adversarial_logits(backend_device):
+    backend, device = backend_device
+    V = 4099  # not a multiple of any tile
+    x, labels = make(6, V, device=device)
+    x[0, : V // 2] = float("-inf")  # masked-out vocabulary
+    labels[0] = V - 1
+    x[1] *= 1e4  # huge logits: most probabilities underflow to exactly 0
+    x[2, 17] = 1e30
+    labels[2] = 17
+    x[3, :] = float("-inf")
+    x[3, 5] = 2.0  # one finite entry: log-prob 0, entropy 0
+    labels[3] = 5
+    x[4, :] = float("-inf")  # nothing finite: nan, as log_softmax gives
+    x[5, labels[5]] = float("-inf")  # the label itself impossible: -inf
+    ours = check(backend, device, x, labels)
+    assert ours[0][3] == 0 and ours[1][3] == 0
+    assert ours[0][4].isnan() and ours[0][5] == float("-inf")
+
+
+def test_non_contiguous_and_3d(backend_device):
+    backend, device = backend_device
+    x, labels = make(3 * 4, 70, device=device)
+    x3 = torch.cat([x, x], -1)[:, ::2].reshape(3, 4, 70)  # strided along V
+    check(backend, device, x3, labels.reshape(3, 4))
+
+
+def test_inplace_backward(backend_device):
+    backend, device = backend_device
+    x, labels = make(5, 900, device=device)
+    expected = run(lambda *a, **k: rlhfkern.logprobs(*a, backend=backend, **k), x, labels,
+                   torch.ones(5, device=device), torch.zeros(5, device=device))[2]
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1  # a non-leaf buffer, as a model's output
+    other = (logits ** 2).sum()  # an op that saved the logits for its own backward
+    version = logits._version
+    lp = rlhfkern.logprobs(logits, labels, inplace_backward=True, backend=backend)
+    lp.sum().backward(retain_graph=True)
+    assert logits._version > version  # the write into the logits is visible to autograd
+    close(leaf.grad, expected, 0, 0)
+    close(logits, expected, 0, 0)  # the gradient lives in the logits buffer now
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        other.backward()
+
+
+def test_batch_invariance(backend_device):
+    """A token's log-prob and entropy are bitwise the same whatever else is in the batch."""
+    backend, device = backend_device
+    x, labels = make(9, 2500, device=device)
+    lp, ent = rlhfkern.logprobs(x, labels, return_entropy=True, backend=backend)
+    order = torch.tensor([4, 8, 0, 3])
+    lp_sub, ent_sub = rlhfkern.logprobs(x[order], labels[order], return_entropy=True, backend=backend)
+    assert torch.equal(lp_sub, lp[order]) and torch.equal(ent_sub, ent[order])
+    one_lp, one_ent = rlhfkern.logprobs(x[7:8], labels[7:8], return_entropy=True, backend=backend)
+    assert torch.equal(one_lp, lp[7:8]) and torch.equal(one_ent, ent[7:8])
+
+
+def test_custom_ops_pass_opcheck(backend_device):
+    backend, device = backend_device
+    x, labels = make(3, 50, device=device, K=2)
+    torch.library.opcheck(torch.ops.rlhfkern.logprobs, (x.requires_grad_(), labels, 0.8, True, False, backend))
+
+
+def test_torch_compile_fullgraph(backend_device):
+    backend, device = backend_device
+    torch._dynamo.reset()
+    x, labels = make(4, 64, device=device)
+
+    def f(t):
+        lp, ent = rlhfkern.logprobs(t, labels, return_entropy=True, temperature=0.9, backend=backend)
+        return lp.sum() + ent.mean()
+
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(a)
+    out.backward()
+    f(b).backward()
+    close(a.grad, b.grad, 1e-6, 1e-7)
+
+
+# ----------------------------------------------------------------------------- drop-ins
+DROPIN = [("torch", "cpu")] + compiled_backends()
+
+
+@pytest.mark.parametrize("backend_device", DROPIN, ids=lambda p: f"{p[0]}-{p[1]}")
+def test_compat_verl_matches_verl(monkeypatch, backend_device):
+    import verl.utils.torch_functional as verl_F
+
+    backend, device = backend_device
+    monkeypatch.setenv("RLHFKERN_BACKEND", backend)
+    x, labels = make(2 * 3, 500)
+    x, labels = x.reshape(2, 3, 500), labels.reshape(2, 3)
+    a, b = x.clone().requires_grad_(), x.clone().to(device).requires_grad_()
+    theirs = verl_F.logprobs_from_logits(a, labels)
+    ours = compat_verl.logprobs_from_logits(b * 1, labels.to(device), inplace_backward=False)
+    close(ours, theirs, 1e-5, 1e-6)
+    close(torch.autograd.grad(ours.sum(), b)[0], torch.autograd.grad(theirs.sum(), a)[0], 1e-5, 1e-7)
+    a, b = x.clone().requires_grad_(), x.clone().to(device).requires_grad_()
+    theirs, ours = verl_F.entropy_from_logits(a), compat_verl.entropy_from_logits(b)
+    close(ours, theirs, 1e-5, 1e-5)
+    close(torch.autograd.grad(ours.sum(), b)[0], torch.autograd.grad(theirs.sum(), a)[0], 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("backend_device", DROPIN, ids=lambda p: f"{p[0]}-{p[1]}")
+def test_compat_openrlhf_and_trl_match(monkeypatch, backend_device):
+    from trl.trainer import utils as trl_utils
+
+    backend, device = backend_device
+    monkeypatch.setenv("RLHFKERN_BACKEND", backend)
+    _, openrlhf_utils = openrlhf_losses()
+    x, labels = make(4, 300)
+    for temperature in (1.0, 0.7):
+        ours = compat_openrlhf.log_probs_from_logits(x.to(device), labels.to(device), temperature)
+        theirs = openrlhf_utils.log_probs_from_logits(x.clone(), labels, temperature)
+        close(ours, theirs, 1e-5, 1e-6)
+    index = torch.randint(0, 300, (4, 3))
+    row_mask = torch.ones(4, 3)
+    row_mask[1, 2] = 0
+    for kw in (dict(), dict(temperature=0.8, row_mask=row_mask)):
+        ours = compat_trl.selective_log_softmax(x.to(device), index.to(device),
+                                                **{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()})
+        close(ours, trl_utils.selective_log_softmax(x, index, **kw), 1e-5, 1e-6)
+    close(compat_trl.entropy_from_logits(x.to(device)), trl_utils.entropy_from_logits(x), 1e-5, 1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_names_the_argument():
+    x, labels = make(3, 10)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\) or be -100"):
+        rlhfkern.logprobs(x, torch.tensor([1, 10, 2]), backend="cpu")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        rlhfkern.logprobs(x, torch.tensor([1, -5, 2]), backend="cpu")
+    with pytest.raises(ValueError, match="labels has shape"):
+        rlhfkern.logprobs(x, labels[:2])
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        rlhfkern.logprobs(x, labels.float())
+    with pytest.raises(ValueError, match="logits must be a floating tensor"):
+        rlhfkern.logprobs(x.long(), labels)
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        rlhfkern.logprobs(x, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="labels is on meta"):
+        rlhfkern.logprobs(x, labels.to("meta"))
