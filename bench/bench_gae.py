@@ -19,7 +19,7 @@ GPU_INNER = 20  # launches per timed call on the GPU: one sync per call would do
 
 def compiled(device, op="gae"):
     """The compiled backends of `op` worth timing on `device` (the Triton interpreter is not)."""
-    names = ["cpu"] if device == "cpu" else ["triton"] + (["cuda"] if op in ("gae", "advantages") else [])
+    names = ["cpu"] if device == "cpu" else ["triton"] + (["cuda"] if op in ("gae", "advantages") else [])  # CUDA kernels
     return [b for b in names if _dispatch.why_unavailable(b, device) is None
             and not (b == "triton" and _dispatch.triton_interpreted())]
 

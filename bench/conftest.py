@@ -18,6 +18,24 @@ def pytest_addoption(parser):
     parser.addoption("--bench-md", default=None, help="also write the results table to this Markdown file")
 
 
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_extra_bytes(fn):
+    """Peak resident memory that one call of fn adds to the process (Linux: VmHWM is reset to
+    the current VmRSS through /proc/self/clear_refs, then read back after the call)."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
 def per_call(bench):
     """Median seconds for one call of the op (a benchmarked function may run `inner` calls)."""
     return bench.stats.median / bench.extra_info.get("inner", 1)
@@ -47,7 +65,7 @@ def results_table(benchmarks):
     groups = {}
     for b in benchmarks:
         groups.setdefault(b.group, []).append(b)
-    lines = ["| group | backend | time per call | vs baseline | vs copy |", "|---|---|---:|---:|---:|"]
+    lines = ["| group | backend | time per call | vs baseline | vs copy | peak memory |", "|---|---|---:|---:|---:|---:|"]
     for group, rows in groups.items():
         base = next((per_call(b) for b in rows if b.extra_info.get("role") == "baseline"), None)
         copy = next((per_call(b) for b in rows if b.extra_info.get("role") == "copy"), None)
@@ -56,7 +74,9 @@ def results_table(benchmarks):
             speedup = f"{base / t:.1f}x" if base and b.extra_info.get("role") not in ("baseline", "copy") else ""
             vs_copy = f"{t / copy:.2f}" if copy and b.extra_info.get("role") != "copy" else ""
             label = b.extra_info.get("label", b.name)
-            lines.append(f"| {group} | {label} | {format_time(t)} | {speedup} | {vs_copy} |")
+            peak = b.extra_info.get("peak_bytes")
+            peak = f"{peak / 2**20:.0f} MiB" if peak is not None else ""
+            lines.append(f"| {group} | {label} | {format_time(t)} | {speedup} | {vs_copy} | {peak} |")
     return "\n".join(lines)
 
 
@@ -75,7 +95,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     header = (f"machine: {machine()}\ncommit: {commit()}\ncommand: python -m pytest {' '.join(config.invocation_params.args)}\n"
               f"torch {torch.__version__}, "
               f"python {platform.python_version()}\n"
-              "vs baseline: baseline time / this time; vs copy: this time / time to copy the op's bytes once")
+              "vs baseline: baseline time / this time; vs copy: this time / time to copy the op's bytes once; "
+              "peak memory: what one call adds beyond its inputs (and, for backward, their gradient buffers)")
     table = results_table(benchmarks)
     terminalreporter.write_sep("=", "rlhfkern benchmark table")
     terminalreporter.write_line(header)
