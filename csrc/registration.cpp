@@ -21,10 +21,12 @@ TORCH_LIBRARY(rlhfkern, m) {
   // Log-prob family (rlhfkern/ops/logprob.py): per-row log-probs of K labels, entropy, (lse, E_p[z]);
   // d logits into a new buffer or, opted in, into the logits themselves.
   m.def("logprobs_fwd(Tensor logits, Tensor labels, float temperature, bool entropy) -> (Tensor, Tensor, Tensor)");
+  // g_sum given: the sum of the label gradients of each row (a vocabulary shard's rows need the
+  // whole row's); else computed from the labels that fall in [0, V).
   m.def("logprobs_bwd(Tensor grad_lp, Tensor? grad_ent, Tensor logits, Tensor labels, Tensor stats, "
-        "float temperature) -> Tensor");
+        "float temperature, Tensor? g_sum) -> Tensor");
   m.def("logprobs_bwd_(Tensor grad_lp, Tensor? grad_ent, Tensor(a!) logits, Tensor labels, Tensor stats, "
-        "float temperature) -> ()");
+        "float temperature, Tensor? g_sum) -> ()");
   m.def("kl_penalty_fwd(Tensor log_prob, Tensor ref_log_prob, int kl_code) -> (Tensor, Tensor)");
 }
 

@@ -242,3 +242,52 @@ def test_bad_input_names_the_argument():
         rlhfkern.logprobs(x, labels, temperature=0.0)
     with pytest.raises(ValueError, match="labels is on meta"):
         rlhfkern.logprobs(x, labels.to("meta"))
+
+
+# ----------------------------------------------------------------------------- vocab-parallel
+def _tp_worker(rank, world, init_file, backends, failures):
+    """One rank: its vocabulary shard of shared logits, against the unsharded reference."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        N, shard, K = 5, 37, 2
+        full = torch.randn(N, shard * world, dtype=torch.float64) * 3
+        full[0, : shard * world // 2] = float("-inf")  # shards with nothing finite in a row
+        labels = torch.randint(0, shard * world, (N, K))
+        labels[1, 1] = -100
+        g_lp, g_ent = torch.randn(N, K, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+        x = full.clone().requires_grad_()
+        e_lp, e_ent = logprobs_reference(x, labels, 0.8, True)
+        e_grad, = torch.autograd.grad((e_lp * g_lp).sum() + (e_ent * g_ent).sum(), x)
+        mine = slice(rank * shard, (rank + 1) * shard)
+        for backend in backends:
+            for inplace in (False, True):
+                part = full[:, mine].float().clone().requires_grad_()
+                logits = part * 1
+                lp, ent = rlhfkern.logprobs(logits, labels, temperature=0.8, return_entropy=True,
+                                           inplace_backward=inplace, tp_group=dist.group.WORLD, backend=backend)
+                grad, = torch.autograd.grad((lp * g_lp.float()).sum() + (ent * g_ent.float()).sum(), part)
+                close(lp, e_lp, 1e-5, 1e-5)
+                close(ent, e_ent, 1e-5, 1e-5)
+                close(grad, e_grad[:, mine], 1e-5, 1e-5)
+    except Exception as e:  # reported to the parent, which fails the test
+        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_matches_unsharded(tmp_path, world):
+    import torch.multiprocessing as mp
+
+    backends = [b for b, d in compiled_backends() if d == "cpu"]  # gloo groups: CPU tensors
+    ctx = mp.get_context("spawn")
+    failures = ctx.SimpleQueue()
+    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "init"), backends, failures), nprocs=world,
+                       start_method="spawn")
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert not errors, errors

@@ -94,12 +94,15 @@ def logprobs_fwd(logits, labels, temperature, entropy, block_v=4096):
     return lp, ent, stats
 
 
-def logprobs_bwd_into(grad_lp, grad_ent, logits, labels, stats, temperature, out, block_v=4096):
-    """d logits into `out` (which may be the logits themselves)."""
+def logprobs_bwd_into(grad_lp, grad_ent, logits, labels, stats, temperature, out, g_sum=None, block_v=4096):
+    """d logits into `out` (which may be the logits themselves); g_sum: each row's label-gradient
+    sum when the logits are a vocabulary shard, else from the labels that fall in [0, V)."""
     N, V = logits.shape
     K = labels.shape[1]
-    valid = (labels >= 0) & (labels < V)  # ignored (-100) and out-of-range labels carry no gradient
-    g_sum = (grad_lp * valid).sum(1).contiguous()
+    if g_sum is None:
+        valid = (labels >= 0) & (labels < V)  # ignored (-100) and out-of-range labels carry no gradient
+        g_sum = (grad_lp * valid).sum(1)
+    g_sum = g_sum.to(grad_lp.dtype).contiguous()
     has_ent = grad_ent is not None and grad_ent.numel() > 0
     BLOCK_V = max(16, min(block_v, triton.next_power_of_2(V)))
     _logprob_bwd_kernel[(N, triton.cdiv(V, BLOCK_V))](

@@ -47,11 +47,12 @@ void fwd_rows(const T* x, int64_t sx, int64_t V, A temp, const int64_t* lab, int
 
 template <typename T, typename A>
 void bwd_rows(const T* x, int64_t sx, T* o, int64_t so, int64_t V, A temp, const int64_t* lab, int64_t K, const A* g,
-              const A* ge, const A* st, int64_t r0, int64_t r1) {
+              const A* ge, const A* st, const A* gs, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t* l = lab + r * K;
     A g_sum = 0;  // ignored (-100) and out-of-range labels carry no gradient
     for (int64_t j = 0; j < K; ++j) g_sum += (l[j] >= 0 && l[j] < V) ? g[r * K + j] : A(0);
+    if (gs) g_sum = gs[r];
     const A g_ent = ge ? ge[r] : A(0);
     if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
       if (rlhfkern_simd::avx2_in_use()) {
@@ -92,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
 
 // d logits into out (a new buffer, or the logits themselves for the in-place backward)
 void logprobs_bwd_into(const at::Tensor& grad_lp, const c10::optional<at::Tensor>& grad_ent, const at::Tensor& logits,
-                       const at::Tensor& labels, const at::Tensor& stats, double temperature, at::Tensor& out) {
+                       const at::Tensor& labels, const at::Tensor& stats, double temperature,
+                       const c10::optional<at::Tensor>& g_sum, at::Tensor& out) {
   check_logprob_inputs(logits, labels);
   const int64_t N = logits.size(0), V = logits.size(1), K = labels.size(1);
   const auto acc = acc_type(logits.scalar_type());
@@ -102,6 +104,9 @@ void logprobs_bwd_into(const at::Tensor& grad_lp, const c10::optional<at::Tensor
   const auto g = grad_lp.contiguous();
   const auto st = stats.contiguous();
   const auto ge = has_ent ? grad_ent->contiguous() : at::Tensor();
+  const bool has_gs = g_sum.has_value() && g_sum->defined();
+  TORCH_CHECK(!has_gs || (g_sum->numel() == N && g_sum->scalar_type() == acc), "g_sum must hold N values of the acc dtype");
+  const auto gs = has_gs ? g_sum->contiguous() : at::Tensor();
   const int64_t* lab = labels.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_bwd_cpu", [&] {
     using T = scalar_t;
@@ -112,7 +117,7 @@ void logprobs_bwd_into(const at::Tensor& grad_lp, const c10::optional<at::Tensor
       const A *pg = g.data_ptr<A>(), *ps = st.data_ptr<A>(), *pe = has_ent ? ge.data_ptr<A>() : nullptr;
       const int64_t sx = logits.stride(0), so = out.stride(0);
       at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
-        bwd_rows<T, A>(x, sx, o, so, V, A(temperature), lab, K, pg, pe, ps, r0, r1);
+        bwd_rows<T, A>(x, sx, o, so, V, A(temperature), lab, K, pg, pe, ps, has_gs ? gs.data_ptr<A>() : nullptr, r0, r1);
       });
     });
   });
@@ -120,16 +125,16 @@ void logprobs_bwd_into(const at::Tensor& grad_lp, const c10::optional<at::Tensor
 
 at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_lp, const c10::optional<at::Tensor>& grad_ent,
                             const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
-                            double temperature) {
+                            double temperature, const c10::optional<at::Tensor>& g_sum) {
   auto out = at::empty(logits.sizes(), logits.options());
-  logprobs_bwd_into(grad_lp, grad_ent, logits, labels, stats, temperature, out);
+  logprobs_bwd_into(grad_lp, grad_ent, logits, labels, stats, temperature, g_sum, out);
   return out;
 }
 
 void logprobs_bwd_inplace_cpu(const at::Tensor& grad_lp, const c10::optional<at::Tensor>& grad_ent,
                               at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
-                              double temperature) {
-  logprobs_bwd_into(grad_lp, grad_ent, logits, labels, stats, temperature, logits);
+                              double temperature, const c10::optional<at::Tensor>& g_sum) {
+  logprobs_bwd_into(grad_lp, grad_ent, logits, labels, stats, temperature, g_sum, logits);
 }
 
 }  // namespace

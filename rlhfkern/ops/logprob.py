@@ -54,11 +54,11 @@ def _kernels(backend):
     if backend == "triton":
         from ..triton_kernels import logprob as k
 
-        def bwd(g, ge, logits, labels, stats, t):
-            return k.logprobs_bwd_into(g, ge, logits, labels, stats, t, torch.empty_like(logits))
+        def bwd(g, ge, logits, labels, stats, t, g_sum):
+            return k.logprobs_bwd_into(g, ge, logits, labels, stats, t, torch.empty_like(logits), g_sum)
 
-        def bwd_(g, ge, logits, labels, stats, t):
-            k.logprobs_bwd_into(g, ge, logits, labels, stats, t, logits)
+        def bwd_(g, ge, logits, labels, stats, t, g_sum):
+            k.logprobs_bwd_into(g, ge, logits, labels, stats, t, logits, g_sum)
 
         return k.logprobs_fwd, bwd, bwd_
     ops = torch.ops.rlhfkern
@@ -82,24 +82,26 @@ def _(logits, labels, temperature, entropy, inplace_backward, backend):
 
 @torch.library.custom_op("rlhfkern::logprobs_backward", mutates_args=())
 def _logprobs_backward_op(grad_lp: torch.Tensor, grad_ent: torch.Tensor | None, logits: torch.Tensor,
-                          labels: torch.Tensor, stats: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
-    return _kernels(backend)[1](grad_lp, grad_ent, logits, labels, stats, temperature)
+                          labels: torch.Tensor, stats: torch.Tensor, temperature: float, g_sum: torch.Tensor | None,
+                          backend: str) -> torch.Tensor:
+    return _kernels(backend)[1](grad_lp, grad_ent, logits, labels, stats, temperature, g_sum)
 
 
 @_logprobs_backward_op.register_fake
-def _(grad_lp, grad_ent, logits, labels, stats, temperature, backend):
+def _(grad_lp, grad_ent, logits, labels, stats, temperature, g_sum, backend):
     return torch.empty_like(logits)
 
 
 @torch.library.custom_op("rlhfkern::logprobs_backward_", mutates_args=("logits",))
 def _logprobs_backward_inplace_op(grad_lp: torch.Tensor, grad_ent: torch.Tensor | None, logits: torch.Tensor,
-                                  labels: torch.Tensor, stats: torch.Tensor, temperature: float, backend: str) -> None:
+                                  labels: torch.Tensor, stats: torch.Tensor, temperature: float,
+                                  g_sum: torch.Tensor | None, backend: str) -> None:
     """d logits written over the logits."""
-    _kernels(backend)[2](grad_lp, grad_ent, logits, labels, stats, temperature)
+    _kernels(backend)[2](grad_lp, grad_ent, logits, labels, stats, temperature, g_sum)
 
 
 @_logprobs_backward_inplace_op.register_fake
-def _(grad_lp, grad_ent, logits, labels, stats, temperature, backend):
+def _(grad_lp, grad_ent, logits, labels, stats, temperature, g_sum, backend):
     return None
 
 
@@ -116,16 +118,66 @@ def _backward(ctx, grad_lp, grad_ent, grad_stats):
     grad_lp = torch.zeros(labels.shape, dtype=acc, device=logits.device) if grad_lp is None else grad_lp.to(acc)
     grad_ent = None if grad_ent is None or grad_ent.numel() == 0 else grad_ent.to(acc)
     if inplace_backward:  # the dispatcher bumps the version of the mutated logits
-        _logprobs_backward_inplace_op(grad_lp, grad_ent, logits, labels, stats, temperature, backend)
+        _logprobs_backward_inplace_op(grad_lp, grad_ent, logits, labels, stats, temperature, None, backend)
         return logits, None, None, None, None, None
-    return _logprobs_backward_op(grad_lp, grad_ent, logits, labels, stats, temperature, backend), None, None, None, None, None
+    grad = _logprobs_backward_op(grad_lp, grad_ent, logits, labels, stats, temperature, None, backend)
+    return grad, None, None, None, None, None
 
 
 torch.library.register_autograd("rlhfkern::logprobs", _backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- vocab-parallel
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """Rank r of the group holds the vocabulary shard [r Vs, (r + 1) Vs) of every row. Each rank
+    reduces its shard with the kernels (lse_r, E_r[z], its labels' logits); then two collectives
+    make the row's: an all-reduce MAX of lse_r, and one all-reduce SUM of the packed
+    (exp(lse_r - M), exp(lse_r - M) E_r[z], label logits). The backward needs no collective: each
+    rank writes the gradient of its own shard, with the row's statistics."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, inplace_backward, backend, group):
+        import torch.distributed as dist
+
+        shard = logits.shape[1]
+        local = labels - dist.get_rank(group) * shard
+        owned = (local >= 0) & (local < shard)
+        local = torch.where(owned, local, IGNORE_INDEX)
+        _, _, stats = _kernels(backend)[0](logits, local, temperature, False)
+        lse_r, ez_r = stats[:, 0], stats[:, 1]
+        m = lse_r.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        mass = torch.where(lse_r == float("-inf"), 0.0, torch.exp(lse_r - m))  # this shard's share of the row
+        picked = torch.gather(logits, 1, torch.where(owned, local, 0)).to(stats.dtype) / temperature
+        packed = torch.cat([mass[:, None], torch.where(mass == 0, 0.0, mass * ez_r)[:, None],
+                            torch.where(owned, picked, 0.0)], 1)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        lse = m + torch.log(packed[:, 0])
+        ez = packed[:, 1] / packed[:, 0]
+        valid = (labels >= 0) & (labels < shard * dist.get_world_size(group))
+        nan = torch.full_like(picked, float("nan"))
+        lp = torch.where(labels == IGNORE_INDEX, 0.0, torch.where(valid, packed[:, 2:] - lse[:, None], nan))
+        ctx.save_for_backward(logits, local, torch.stack([lse, ez], 1), valid)
+        ctx.args = (temperature, inplace_backward, backend)
+        return lp, lse - ez
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        logits, local, stats, valid = ctx.saved_tensors
+        temperature, inplace_backward, backend = ctx.args
+        grad_lp = torch.zeros_like(stats[:, :1].expand(local.shape)) if grad_lp is None else grad_lp.to(stats.dtype)
+        g_sum = (grad_lp * valid).sum(1)  # the whole row's, not only this shard's labels
+        grad_ent = None if grad_ent is None else grad_ent.to(stats.dtype)
+        if inplace_backward:
+            _logprobs_backward_inplace_op(grad_lp, grad_ent, logits, local, stats, temperature, g_sum, backend)
+            grad = logits
+        else:
+            grad = _logprobs_backward_op(grad_lp, grad_ent, logits, local, stats, temperature, g_sum, backend)
+        return grad, None, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- public op
-def _check(logits, labels, temperature):
+def _check(logits, labels, temperature, world=1):
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating tensor [..., V], got {getattr(logits, 'dtype', type(logits))}")
     if logits.dim() == 0 or logits.shape[-1] == 0:
@@ -144,24 +196,35 @@ def _check(logits, labels, temperature):
     # a label outside [0, V) other than -100: a ValueError for CPU tensors in eager mode (a free
     # check there), nan elsewhere (checking a GPU tensor would be a host sync)
     if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
-        V = logits.shape[-1]
+        V = logits.shape[-1] * world  # labels are global ids when the logits are a vocabulary shard
         bad = ((labels < 0) | (labels >= V)) & (labels != IGNORE_INDEX)
         if bad.any():
             raise ValueError(f"labels must lie in [0, {V}) or be {IGNORE_INDEX} (ignored), "
                              f"got {labels[bad].flatten()[0].item()}")
 
 
-def logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_backward=False, backend=None):
+def logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_backward=False, tp_group=None,
+             backend=None):
     """Log-probabilities of `labels` under softmax(logits / temperature), and the entropy.
 
     logits [..., V] float32/bf16/fp16/float64; labels [...] or [..., K] integer (label -100 is
     ignored: log-prob 0, no gradient; another label outside [0, V) raises for CPU tensors and
     gives nan on GPUs). Returns float32 log-probs shaped like labels, and the
     entropy [...] when `return_entropy`. Differentiable w.r.t. logits; `inplace_backward=True`
-    writes the gradient into the logits buffer. Formulas: this module's docstring.
+    writes the gradient into the logits buffer. With `tp_group` (a torch.distributed group),
+    logits hold this rank's contiguous vocabulary shard (rank r: ids [r Vs, (r + 1) Vs)), labels
+    are global ids, and the results equal the unsharded ones on every rank (two all-reduces).
+    Formulas: this module's docstring.
     """
-    _check(logits, labels, temperature)
+    world = 1
+    if tp_group is not None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size(tp_group)
+    _check(logits, labels, temperature, world)
     which = _dispatch.resolve(backend, logits.device, OP_BACKENDS)
+    if tp_group is not None and which == "torch":
+        which = "cpu" if logits.device.type == "cpu" else "triton"  # the shard reduction needs a kernel
     if which == "torch":
         return logprobs_reference(logits, labels, temperature, return_entropy)
     squeeze = labels.dim() == logits.dim() - 1
@@ -169,7 +232,10 @@ def logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_b
     x = logits.reshape(-1, V)
     x = x if V <= 1 or x.stride(-1) == 1 else x.contiguous()
     lab = labels.reshape(x.shape[0], -1).to(torch.int64).contiguous()
-    lp, ent, _ = _logprobs_op(x, lab, float(temperature), bool(return_entropy), bool(inplace_backward), which)
+    if tp_group is not None:
+        lp, ent = _VocabParallelLogprobs.apply(x, lab, float(temperature), bool(inplace_backward), which, tp_group)
+    else:
+        lp, ent, _ = _logprobs_op(x, lab, float(temperature), bool(return_entropy), bool(inplace_backward), which)
     lp = lp.reshape(labels.shape) if squeeze else lp.reshape(labels.shape)
     if not return_entropy:
         return lp
