@@ -8,12 +8,12 @@ default); ``rlhfkern.backends()`` lists those usable here, ``python -m rlhfkern 
 from ._dispatch import backends
 from .ops.advantages import grpo_advantage, reinforce_pp_advantage, reinforce_pp_baseline_advantage, rloo_advantage
 from .ops.gae import gae, masked_whiten
-from .ops.logprob import logprobs
+from .ops.logprob import linear_logprobs, logprobs
 from .ops.ppo_loss import actor_loss, kl_penalty, ppo_loss, value_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "actor_loss", "backends", "gae", "grpo_advantage", "kl_penalty", "logprobs", "masked_whiten", "ppo_loss",
+    "actor_loss", "backends", "gae", "grpo_advantage", "kl_penalty", "linear_logprobs", "logprobs", "masked_whiten", "ppo_loss",
     "reinforce_pp_advantage", "reinforce_pp_baseline_advantage", "rloo_advantage", "value_loss", "__version__",
 ]

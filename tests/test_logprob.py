@@ -291,3 +291,108 @@ def test_vocab_parallel_matches_unsharded(tmp_path, world):
     while not failures.empty():
         errors.append(failures.get())
     assert not errors, errors
+
+
+# ----------------------------------------------------------------------------- fused with the LM head
+from rlhfkern.ops.logprob import linear_logprobs_reference  # noqa: E402
+
+
+def run_linear(fn, h, w, labels, grads):
+    a, b = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    lp, ent, p2 = fn(a, b, labels)
+    loss = (lp * grads[0].to(lp)).sum() + (ent * grads[1].to(ent)).sum() + (p2 * grads[2].to(p2)).sum()
+    return (lp, ent, p2) + torch.autograd.grad(loss, [a, b])
+
+
+@pytest.mark.parametrize("V,H,K", [(7, 5, None), (20001, 33, None), (9000, 17, 3)])
+def test_linear_logprobs_against_reference(backend_device, V, H, K):
+    backend, device = backend_device
+    N = 21
+    h = torch.randn(N, H)
+    w = torch.randn(V, H) * 0.3
+    labels = torch.randint(0, V, (N,) if K is None else (N, K))
+    labels.view(-1)[2] = -100
+    grads = (torch.randn(labels.shape, dtype=torch.float64), torch.randn(N, dtype=torch.float64),
+             torch.randn(N, dtype=torch.float64))
+    ours = run_linear(lambda a, b, l: rlhfkern.linear_logprobs(
+        a, b, l, temperature=0.8, return_entropy=True, return_sum_p2=True, chunk_size=8, backend=backend),
+        h.to(device), w.to(device), labels.to(device), [g.to(device) for g in grads])
+    ref = run_linear(lambda a, b, l: linear_logprobs_reference(a, b, l, 0.8, True, True), h.double(), w.double(),
+                     labels, grads)
+    for x, y in zip(ours, ref):
+        close(x, y, 2e-5, 2e-5)
+
+
+def test_linear_logprobs_chunk_size_invariance(backend_device):
+    """Same tokens, other batch sizes and chunk sizes: the same log-probs (to float rounding of
+    the matmul blocks, which torch's CPU matmul may order differently for other shapes)."""
+    backend, device = backend_device
+    h, w = torch.randn(40, 24).to(device), (torch.randn(3000, 24) * 0.3).to(device)
+    labels = torch.randint(0, 3000, (40,)).to(device)
+    base = rlhfkern.linear_logprobs(h, w, labels, chunk_size=40, backend=backend)
+    for chunk in (1, 7, 16):
+        close(rlhfkern.linear_logprobs(h, w, labels, chunk_size=chunk, backend=backend), base, 1e-6, 1e-6)
+    close(rlhfkern.linear_logprobs(h[5:9], w, labels[5:9], backend=backend), base[5:9], 1e-6, 1e-6)
+
+
+def test_linear_logprobs_bad_input():
+    h, w, labels = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="weight must be"):
+        rlhfkern.linear_logprobs(h, w[:, :3], labels)
+    with pytest.raises(ValueError, match="must match hidden"):
+        rlhfkern.linear_logprobs(h, w.double(), labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        rlhfkern.linear_logprobs(h, w, labels + 10, backend="cpu")
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        rlhfkern.linear_logprobs(h, w, labels, chunk_size=0)
+
+
+def test_compat_verl_linear_cross_entropy(backend_device):
+    backend, device = backend_device
+    h, w = torch.randn(2, 5, 16), torch.randn(500, 16) * 0.5
+    labels = torch.randint(0, 500, (2, 5))
+    lp, ent = compat_verl.linear_cross_entropy(h.to(device), w.to(device), labels.to(device), 0.9)
+    e_lp, e_ent = linear_logprobs_reference(h.reshape(10, 16).double(), w.double(), labels.reshape(10), 0.9, True)
+    assert lp.shape == (10,)
+    close(lp, e_lp, 1e-5, 1e-5)
+    close(ent, e_ent, 1e-5, 1e-5)
+
+
+def _tp_linear_worker(rank, world, init_file, backends, failures):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        N, H, shard = 9, 12, 50
+        h = torch.randn(N, H, dtype=torch.float64)
+        w = torch.randn(shard * world, H, dtype=torch.float64) * 0.4
+        labels = torch.randint(0, shard * world, (N,))
+        g = [torch.randn(N, dtype=torch.float64) for _ in range(3)]
+        ref = run_linear(lambda a, b, l: linear_logprobs_reference(a, b, l, 0.7, True, True), h, w, labels, g)
+        mine = slice(rank * shard, (rank + 1) * shard)
+        for backend in backends:
+            ours = run_linear(lambda a, b, l: rlhfkern.linear_logprobs(
+                a, b, l, temperature=0.7, return_entropy=True, return_sum_p2=True, chunk_size=4,
+                tp_group=dist.group.WORLD, backend=backend), h.float(), w[mine].float(), labels, g)
+            for x, y in zip(ours[:4], ref[:4]):  # log-probs, entropy, sum p^2, grad hidden (all-reduced)
+                close(x, y, 2e-5, 2e-5)
+            close(ours[4], ref[4][mine], 2e-5, 2e-5)  # grad of this rank's weight shard
+    except Exception as e:  # reported to the parent, which fails the test
+        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_linear_logprobs_vocab_parallel(tmp_path, world):
+    import torch.multiprocessing as mp
+
+    backends = [b for b, d in compiled_backends() if d == "cpu"]
+    failures = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_tp_linear_worker, args=(world, str(tmp_path / "init"), backends, failures), nprocs=world,
+                       start_method="spawn")
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert not errors, errors

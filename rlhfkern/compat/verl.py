@@ -161,3 +161,13 @@ def entropy_from_logits(logits):
     """verl entropy_from_logits: H = logsumexp(z) - sum softmax(z) z, float32."""
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     return _lp.logprobs(logits, labels, return_entropy=True)[1]
+
+
+def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+    """verl.utils.kernel.linear_cross_entropy: (log-probs, entropy) of the flattened tokens for the
+    LM head `weight` [V, H] (this rank's vocabulary shard with dist_process_group), without the
+    [N, V] logits. Runs on any device (verl's kernel needs a GPU); reduction "none" only."""
+    if reduction != "none":
+        raise ValueError(f"reduction={reduction!r} is not provided by rlhfkern's drop-in (only 'none')")
+    return _lp.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                               temperature=temperature, return_entropy=True, tp_group=dist_process_group)

@@ -182,25 +182,32 @@ def _check(logits, labels, temperature, world=1):
         raise ValueError(f"logits must be a floating tensor [..., V], got {getattr(logits, 'dtype', type(logits))}")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
+    _check_labels(labels, logits.shape[:-1], logits.shape[-1] * world, logits.device, "logits")
+    _check_temperature(temperature)
+
+
+def _check_labels(labels, lead, vocab, device, against):
+    """labels [*lead] or [*lead, K], integer, on `device`; ids in [0, vocab) or -100."""
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
             or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
-    lead = logits.shape[:-1]
-    if not (labels.shape == lead or (labels.dim() == logits.dim() and labels.shape[:-1] == lead)):
+    if not (labels.shape == lead or (labels.dim() == len(lead) + 1 and labels.shape[:-1] == lead)):
         raise ValueError(f"labels has shape {tuple(labels.shape)}: expected {tuple(lead)} or {tuple(lead)} + (K,) "
-                         f"for logits of shape {tuple(logits.shape)}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
-    if not isinstance(temperature, numbers.Real) or not 0 < temperature < float("inf"):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+                         f"for {against}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but {against} is on {device}")
     # a label outside [0, V) other than -100: a ValueError for CPU tensors in eager mode (a free
     # check there), nan elsewhere (checking a GPU tensor would be a host sync)
     if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
-        V = logits.shape[-1] * world  # labels are global ids when the logits are a vocabulary shard
-        bad = ((labels < 0) | (labels >= V)) & (labels != IGNORE_INDEX)
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != IGNORE_INDEX)
         if bad.any():
-            raise ValueError(f"labels must lie in [0, {V}) or be {IGNORE_INDEX} (ignored), "
+            raise ValueError(f"labels must lie in [0, {vocab}) or be {IGNORE_INDEX} (ignored), "
                              f"got {labels[bad].flatten()[0].item()}")
+
+
+def _check_temperature(temperature):
+    if not isinstance(temperature, numbers.Real) or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
 
 
 def logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_backward=False, tp_group=None,
@@ -240,3 +247,155 @@ def logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_b
     if not return_entropy:
         return lp
     return lp, ent.reshape(logits.shape[:-1])
+
+
+# ----------------------------------------------------------------------------- fused with the LM head
+def linear_logprobs_reference(hidden, weight, labels, temperature=1.0, return_entropy=False, return_sum_p2=False):
+    """The spec of linear_logprobs: materialised logits = hidden @ weight^T, then `logprobs`."""
+    acc = _acc(hidden)
+    logits = hidden.to(acc) @ weight.to(acc).T
+    lp, ent = logprobs_reference(logits, labels, temperature, True)
+    out = [lp] + ([ent] if return_entropy else [])
+    if return_sum_p2:
+        out.append((torch.softmax(logits / temperature, -1) ** 2).sum(-1))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _merge(m, s, a, s2, lse_c, ez_c, s2_c):
+    """Adds a block with log-sum-exp lse_c, mean E[z] ez_c and sum of squared probabilities s2_c
+    to running (m, s, a, s2): s = sum exp(lse_c - m), a = sum exp(lse_c - m) ez_c, s2 likewise
+    with exp(2 (lse_c - m))."""
+    m_new = torch.maximum(m, lse_c)
+    old = torch.where(m == float("-inf"), 0.0, torch.exp(m - m_new))
+    new = torch.where(lse_c == float("-inf"), 0.0, torch.exp(lse_c - m_new))
+    s = s * old + new
+    a = a * old + torch.where(new == 0, 0.0, new * ez_c)
+    s2 = s2 * old * old + new * new * s2_c if s2 is not None else None
+    return m_new, s, a, s2
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Log-probs of hidden @ weight^T without the [N, V] logits: the logits exist one
+    [token chunk, vocabulary chunk] block at a time, reduced by the log-prob kernels into per-row
+    (lse, E[z]) merged across blocks (and ranks: one all-reduce MAX, one all-reduce SUM); the
+    backward recomputes each block and feeds its d logits to two matmuls."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, want_p2, token_chunk, vocab_chunk, backend, group):
+        fwd = _kernels(backend)[0]
+        N, shard = hidden.shape[0], weight.shape[0]
+        acc = _acc(hidden)
+        offset = 0 if group is None else torch.distributed.get_rank(group) * shard
+        world = 1 if group is None else torch.distributed.get_world_size(group)
+        m = torch.full((N,), float("-inf"), dtype=acc, device=hidden.device)
+        s, a = torch.zeros_like(m), torch.zeros_like(m)
+        s2 = torch.zeros_like(m) if want_p2 else None
+        picked = torch.zeros(labels.shape, dtype=acc, device=hidden.device)
+        for n0 in range(0, N, token_chunk):
+            rows = slice(n0, min(n0 + token_chunk, N))
+            for v0 in range(0, shard, vocab_chunk):
+                w = weight[v0:v0 + vocab_chunk]
+                logits = hidden[rows] @ w.T
+                local = labels[rows] - offset - v0
+                owned = (local >= 0) & (local < w.shape[0])
+                local = torch.where(owned, local, IGNORE_INDEX)
+                _, _, st = fwd(logits, local, temperature, False)
+                picked[rows] += torch.where(owned, torch.gather(logits, 1, torch.where(owned, local, 0)).to(acc)
+                                            / temperature, 0.0)
+                s2_c = None
+                if want_p2:
+                    s2_c = (torch.exp(logits.to(acc) / temperature - st[:, :1]) ** 2).sum(-1)
+                m[rows], s[rows], a[rows], s2_rows = _merge(m[rows], s[rows], a[rows],
+                                                            s2[rows] if want_p2 else None, st[:, 0], st[:, 1], s2_c)
+                if want_p2:
+                    s2[rows] = s2_rows
+        if group is not None:
+            import torch.distributed as dist
+
+            top = m.clone()
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            r = torch.where(m == float("-inf"), 0.0, torch.exp(m - top))
+            parts = [s * r, a * r] + ([s2 * r * r] if want_p2 else [])
+            packed = torch.cat([torch.stack(parts, 1), picked], 1)
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+            m, s, a = top, packed[:, 0], packed[:, 1]
+            s2 = packed[:, 2] if want_p2 else None
+            picked = packed[:, len(parts):]
+        lse = m + torch.log(s)
+        ez = a / s
+        sum_p2 = s2 / (s * s) if want_p2 else torch.zeros(0, dtype=acc, device=hidden.device)
+        valid = (labels >= 0) & (labels < shard * world)
+        nan = torch.full_like(picked, float("nan"))
+        lp = torch.where(labels == IGNORE_INDEX, 0.0, torch.where(valid, picked - lse[:, None], nan))
+        ctx.save_for_backward(hidden, weight, labels, lse, ez, sum_p2, valid)
+        ctx.args = (temperature, want_p2, token_chunk, vocab_chunk, backend, group, offset)
+        return lp, lse - ez, sum_p2
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent, grad_p2):
+        hidden, weight, labels, lse, ez, sum_p2, valid = ctx.saved_tensors
+        temperature, want_p2, token_chunk, vocab_chunk, backend, group, offset = ctx.args
+        bwd = _kernels(backend)[1]
+        acc = lse.dtype
+        N, shard = hidden.shape[0], weight.shape[0]
+        grad_lp = torch.zeros(labels.shape, dtype=acc, device=hidden.device) if grad_lp is None else grad_lp.to(acc)
+        g_sum = (grad_lp * valid).sum(1)  # the whole row's
+        stats = torch.stack([lse, ez], 1)
+        grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+        grad_weight = torch.empty_like(weight)
+        for v0 in range(0, shard, vocab_chunk):
+            w = weight[v0:v0 + vocab_chunk]
+            grad_w = torch.zeros(w.shape, dtype=acc, device=w.device)
+            for n0 in range(0, N, token_chunk):
+                rows = slice(n0, min(n0 + token_chunk, N))
+                logits = hidden[rows] @ w.T
+                local = labels[rows] - offset - v0
+                local = torch.where((local >= 0) & (local < w.shape[0]), local, IGNORE_INDEX)
+                d = bwd(grad_lp[rows].contiguous(), None if grad_ent is None else grad_ent[rows].to(acc).contiguous(),
+                        logits, local, stats[rows].contiguous(), temperature, g_sum[rows].contiguous())
+                if want_p2 and grad_p2 is not None:  # d sum p^2 / dz = 2 p (p - sum p^2)
+                    p = torch.exp(logits.to(acc) / temperature - lse[rows, None])
+                    d = d + (grad_p2[rows, None].to(acc) * 2 * p * (p - sum_p2[rows, None]) / temperature).to(d.dtype)
+                grad_hidden[rows] += (d @ w).to(acc)
+                grad_w += (d.T @ hidden[rows]).to(acc)
+            grad_weight[v0:v0 + vocab_chunk] = grad_w.to(weight.dtype)
+        if group is not None:
+            torch.distributed.all_reduce(grad_hidden, op=torch.distributed.ReduceOp.SUM, group=group)
+        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None, None, None
+
+
+def linear_logprobs(hidden, weight, labels, *, temperature=1.0, return_entropy=False, return_sum_p2=False,
+                    chunk_size=None, tp_group=None, backend=None):
+    """Log-probs of labels under softmax(hidden @ weight^T / temperature), never materialising the
+    [N, V] logits (blocks of chunk_size tokens x 8192 vocabulary entries), and optionally the
+    entropy and sum_v p_v^2 per token. hidden [..., H], weight [V, H] (this rank's contiguous
+    vocabulary shard with `tp_group`; grad hidden is then all-reduced), labels [...] or [..., K].
+    Differentiable w.r.t. hidden and weight. Returns lp, or (lp, [entropy], [sum_p2]).
+    """
+    if not torch.is_tensor(hidden) or not hidden.is_floating_point() or hidden.dim() < 1:
+        raise ValueError(f"hidden must be a floating tensor [..., H], got {getattr(hidden, 'dtype', type(hidden))}")
+    if not torch.is_tensor(weight) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (hidden's last dim), "
+                         f"got {tuple(getattr(weight, 'shape', ()))}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, {hidden.device})")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    world = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
+    _check_labels(labels, hidden.shape[:-1], weight.shape[0] * world, hidden.device, "hidden")
+    _check_temperature(temperature)
+    which = _dispatch.resolve(backend, hidden.device, OP_BACKENDS)
+    if which == "torch" and tp_group is None:
+        return linear_logprobs_reference(hidden, weight, labels, temperature, return_entropy, return_sum_p2)
+    if which == "torch":
+        which = "cpu" if hidden.device.type == "cpu" else "triton"  # the shard reduction needs a kernel
+    squeeze = labels.dim() == hidden.dim() - 1
+    h = hidden.reshape(-1, hidden.shape[-1])
+    lab = labels.reshape(h.shape[0], -1).to(torch.int64).contiguous()
+    lp, ent, p2 = _LinearLogprobs.apply(h, weight, lab, float(temperature), bool(return_sum_p2),
+                                        chunk_size or 1024, 8192, which, tp_group)
+    lp = lp.reshape(labels.shape)
+    out = [lp] + ([ent.reshape(hidden.shape[:-1])] if return_entropy else [])
+    if return_sum_p2:
+        out.append(p2.reshape(hidden.shape[:-1]))
+    return out[0] if len(out) == 1 else tuple(out)
