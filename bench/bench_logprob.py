@@ -66,3 +66,44 @@ def bench_logprobs(benchmark, device, mode, impl):
     peak = peak_extra_bytes(call) - grad_bytes if device == "cpu" else None
     benchmark.extra_info.update(inner=1, label=label, role=role, peak_bytes=max(peak, 0) if peak is not None else None)
     benchmark.pedantic(call, rounds=3, iterations=1, warmup_rounds=0)
+
+
+# ----------------------------------------------------------------------------- fused with the LM head
+H = 1024
+N_LINEAR = {"cpu": 512, "cuda": 4096}  # the CPU runs each [N, H] x [H, V] matmul in seconds
+
+
+def materialised(hidden, weight, labels):
+    return naive(hidden @ weight.T, labels)
+
+
+LINEAR_CASES = [(d, impl) for d in DEVICES for impl in
+                [("materialised", "hidden @ weight.T + log_softmax + gather", materialised, "baseline")]
+                + [(b, f"rlhfkern.linear_logprobs {b}",
+                    (lambda b: lambda h, w, l: rlhfkern.linear_logprobs(h, w, l, backend=b))(b), "op")
+                   for b in compiled(d, "logprob")]]
+
+
+@pytest.mark.parametrize("device,impl", LINEAR_CASES, ids=lambda x: x[0] if isinstance(x, tuple) else x)
+def bench_linear_logprobs(benchmark, device, impl):
+    name, label, fn, role = impl
+    n = N_LINEAR[device]
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, H, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 0.02).to(device).requires_grad_()
+    labels = torch.randint(0, V, (n,), generator=g).to(device)
+    benchmark.group = f"linear logprobs fwd+bwd N={n} H={H} V={V} fp32 {device}"
+
+    def call():
+        hidden.grad = weight.grad = None
+        fn(hidden, weight, labels).sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    grad_bytes = (hidden.numel() + weight.numel()) * 4
+    peak = peak_extra_bytes(call) - grad_bytes if device == "cpu" else None
+    logits_bytes = n * V * 4
+    benchmark.extra_info.update(inner=1, label=f"{label} (peak / [N, V] fp32: {max(peak, 0) / logits_bytes:.3f})"
+                                if peak is not None else label, role=role,
+                                peak_bytes=max(peak, 0) if peak is not None else None)
+    benchmark.pedantic(call, rounds=1, iterations=1, warmup_rounds=0)

@@ -356,8 +356,12 @@ class _LinearLogprobs(torch.autograd.Function):
                 if want_p2 and grad_p2 is not None:  # d sum p^2 / dz = 2 p (p - sum p^2)
                     p = torch.exp(logits.to(acc) / temperature - lse[rows, None])
                     d = d + (grad_p2[rows, None].to(acc) * 2 * p * (p - sum_p2[rows, None]) / temperature).to(d.dtype)
-                grad_hidden[rows] += (d @ w).to(acc)
-                grad_w += (d.T @ hidden[rows]).to(acc)
+                if d.dtype == acc:  # accumulate in place: no block-sized temporaries
+                    grad_hidden[rows].addmm_(d, w)
+                    grad_w.addmm_(d.T, hidden[rows])
+                else:
+                    grad_hidden[rows] += (d @ w).to(acc)
+                    grad_w += (d.T @ hidden[rows]).to(acc)
             grad_weight[v0:v0 + vocab_chunk] = grad_w.to(weight.dtype)
         if group is not None:
             torch.distributed.all_reduce(grad_hidden, op=torch.distributed.ReduceOp.SUM, group=group)
