@@ -274,6 +274,19 @@ def _merge(m, s, a, s2, lse_c, ez_c, s2_c):
     return m_new, s, a, s2
 
 
+TOKEN_TILE = 128  # rows of every logits block matmul (the last one zero-padded)
+VOCAB_TILE = 8192  # columns of every logits block
+
+
+def _tile_logits(hidden, rows, w):
+    """hidden[rows] @ w^T computed as a full TOKEN_TILE-row matmul: the same matmul shape for
+    every tile makes a token's logits independent of the batch around it (bitwise)."""
+    h = hidden[rows]
+    if h.shape[0] < TOKEN_TILE:
+        h = torch.cat([h, h.new_zeros(TOKEN_TILE - h.shape[0], h.shape[1])])
+    return (h @ w.T)[: rows.stop - rows.start]
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """Log-probs of hidden @ weight^T without the [N, V] logits: the logits exist one
     [token chunk, vocabulary chunk] block at a time, reduced by the log-prob kernels into per-row
@@ -281,7 +294,7 @@ class _LinearLogprobs(torch.autograd.Function):
     backward recomputes each block and feeds its d logits to two matmuls."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, want_p2, token_chunk, vocab_chunk, backend, group):
+    def forward(ctx, hidden, weight, labels, temperature, want_p2, backend, group):
         fwd = _kernels(backend)[0]
         N, shard = hidden.shape[0], weight.shape[0]
         acc = _acc(hidden)
@@ -291,11 +304,11 @@ class _LinearLogprobs(torch.autograd.Function):
         s, a = torch.zeros_like(m), torch.zeros_like(m)
         s2 = torch.zeros_like(m) if want_p2 else None
         picked = torch.zeros(labels.shape, dtype=acc, device=hidden.device)
-        for n0 in range(0, N, token_chunk):
-            rows = slice(n0, min(n0 + token_chunk, N))
-            for v0 in range(0, shard, vocab_chunk):
-                w = weight[v0:v0 + vocab_chunk]
-                logits = hidden[rows] @ w.T
+        for n0 in range(0, N, TOKEN_TILE):
+            rows = slice(n0, min(n0 + TOKEN_TILE, N))
+            for v0 in range(0, shard, VOCAB_TILE):
+                w = weight[v0:v0 + VOCAB_TILE]
+                logits = _tile_logits(hidden, rows, w)
                 local = labels[rows] - offset - v0
                 owned = (local >= 0) & (local < w.shape[0])
                 local = torch.where(owned, local, IGNORE_INDEX)
@@ -328,13 +341,13 @@ class _LinearLogprobs(torch.autograd.Function):
         nan = torch.full_like(picked, float("nan"))
         lp = torch.where(labels == IGNORE_INDEX, 0.0, torch.where(valid, picked - lse[:, None], nan))
         ctx.save_for_backward(hidden, weight, labels, lse, ez, sum_p2, valid)
-        ctx.args = (temperature, want_p2, token_chunk, vocab_chunk, backend, group, offset)
+        ctx.args = (temperature, want_p2, backend, group, offset)
         return lp, lse - ez, sum_p2
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent, grad_p2):
         hidden, weight, labels, lse, ez, sum_p2, valid = ctx.saved_tensors
-        temperature, want_p2, token_chunk, vocab_chunk, backend, group, offset = ctx.args
+        temperature, want_p2, backend, group, offset = ctx.args
         bwd = _kernels(backend)[1]
         acc = lse.dtype
         N, shard = hidden.shape[0], weight.shape[0]
@@ -343,12 +356,12 @@ class _LinearLogprobs(torch.autograd.Function):
         stats = torch.stack([lse, ez], 1)
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
         grad_weight = torch.empty_like(weight)
-        for v0 in range(0, shard, vocab_chunk):
-            w = weight[v0:v0 + vocab_chunk]
+        for v0 in range(0, shard, VOCAB_TILE):
+            w = weight[v0:v0 + VOCAB_TILE]
             grad_w = torch.zeros(w.shape, dtype=acc, device=w.device)
-            for n0 in range(0, N, token_chunk):
-                rows = slice(n0, min(n0 + token_chunk, N))
-                logits = hidden[rows] @ w.T
+            for n0 in range(0, N, TOKEN_TILE):
+                rows = slice(n0, min(n0 + TOKEN_TILE, N))
+                logits = _tile_logits(hidden, rows, w)
                 local = labels[rows] - offset - v0
                 local = torch.where((local >= 0) & (local < w.shape[0]), local, IGNORE_INDEX)
                 d = bwd(grad_lp[rows].contiguous(), None if grad_ent is None else grad_ent[rows].to(acc).contiguous(),
@@ -362,19 +375,24 @@ class _LinearLogprobs(torch.autograd.Function):
                 else:
                     grad_hidden[rows] += (d @ w).to(acc)
                     grad_w += (d.T @ hidden[rows]).to(acc)
-            grad_weight[v0:v0 + vocab_chunk] = grad_w.to(weight.dtype)
+            grad_weight[v0:v0 + VOCAB_TILE] = grad_w.to(weight.dtype)
         if group is not None:
             torch.distributed.all_reduce(grad_hidden, op=torch.distributed.ReduceOp.SUM, group=group)
-        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None, None, None
+        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None
 
 
 def linear_logprobs(hidden, weight, labels, *, temperature=1.0, return_entropy=False, return_sum_p2=False,
                     chunk_size=None, tp_group=None, backend=None):
     """Log-probs of labels under softmax(hidden @ weight^T / temperature), never materialising the
-    [N, V] logits (blocks of chunk_size tokens x 8192 vocabulary entries), and optionally the
-    entropy and sum_v p_v^2 per token. hidden [..., H], weight [V, H] (this rank's contiguous
-    vocabulary shard with `tp_group`; grad hidden is then all-reduced), labels [...] or [..., K].
-    Differentiable w.r.t. hidden and weight. Returns lp, or (lp, [entropy], [sum_p2]).
+    [N, V] logits, and optionally the entropy and sum_v p_v^2 per token. hidden [..., H], weight
+    [V, H] (this rank's contiguous vocabulary shard with `tp_group`; grad hidden is then
+    all-reduced), labels [...] or [..., K]. Differentiable w.r.t. hidden and weight.
+    Returns lp, or (lp, [entropy], [sum_p2]).
+
+    The logits exist one block of TOKEN_TILE (128) tokens x VOCAB_TILE (8192) entries at a time;
+    these tiles are fixed so that a token's results are bitwise the same whatever the batch, its
+    position in it and `chunk_size` (accepted for verl/Liger-style call sites; it changes
+    nothing, the tiles bound the memory).
     """
     if not torch.is_tensor(hidden) or not hidden.is_floating_point() or hidden.dim() < 1:
         raise ValueError(f"hidden must be a floating tensor [..., H], got {getattr(hidden, 'dtype', type(hidden))}")
@@ -396,8 +414,7 @@ def linear_logprobs(hidden, weight, labels, *, temperature=1.0, return_entropy=F
     squeeze = labels.dim() == hidden.dim() - 1
     h = hidden.reshape(-1, hidden.shape[-1])
     lab = labels.reshape(h.shape[0], -1).to(torch.int64).contiguous()
-    lp, ent, p2 = _LinearLogprobs.apply(h, weight, lab, float(temperature), bool(return_sum_p2),
-                                        chunk_size or 1024, 8192, which, tp_group)
+    lp, ent, p2 = _LinearLogprobs.apply(h, weight, lab, float(temperature), bool(return_sum_p2), which, tp_group)
     lp = lp.reshape(labels.shape)
     out = [lp] + ([ent.reshape(hidden.shape[:-1])] if return_entropy else [])
     if return_sum_p2:
