@@ -245,52 +245,61 @@ def test_bad_input_names_the_argument():
 
 
 # ----------------------------------------------------------------------------- vocab-parallel
-def _tp_worker(rank, world, init_file, backends, failures):
-    """One rank: its vocabulary shard of shared logits, against the unsharded reference."""
+def _tp_main(rank, world, init_file, check, failures):
+    """One rank of a gloo group: runs the module-level function `check(rank, world, backends)`."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        N, shard, K = 5, 37, 2
-        full = torch.randn(N, shard * world, dtype=torch.float64) * 3
-        full[0, : shard * world // 2] = float("-inf")  # shards with nothing finite in a row
-        labels = torch.randint(0, shard * world, (N, K))
-        labels[1, 1] = -100
-        g_lp, g_ent = torch.randn(N, K, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
-        x = full.clone().requires_grad_()
-        e_lp, e_ent = logprobs_reference(x, labels, 0.8, True)
-        e_grad, = torch.autograd.grad((e_lp * g_lp).sum() + (e_ent * g_ent).sum(), x)
-        mine = slice(rank * shard, (rank + 1) * shard)
-        for backend in backends:
-            for inplace in (False, True):
-                part = full[:, mine].float().clone().requires_grad_()
-                logits = part * 1
-                lp, ent = rlhfkern.logprobs(logits, labels, temperature=0.8, return_entropy=True,
-                                           inplace_backward=inplace, tp_group=dist.group.WORLD, backend=backend)
-                grad, = torch.autograd.grad((lp * g_lp.float()).sum() + (ent * g_ent.float()).sum(), part)
-                close(lp, e_lp, 1e-5, 1e-5)
-                close(ent, e_ent, 1e-5, 1e-5)
-                close(grad, e_grad[:, mine], 1e-5, 1e-5)
+        globals()[check](rank, world, [b for b, d in compiled_backends() if d == "cpu"])  # gloo: CPU tensors
     except Exception as e:  # reported to the parent, which fails the test
         failures.put(f"rank {rank}: {type(e).__name__}: {e}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_vocab_parallel_matches_unsharded(tmp_path, world):
+def run_tp(tmp_path, world, check):
     import torch.multiprocessing as mp
 
-    backends = [b for b, d in compiled_backends() if d == "cpu"]  # gloo groups: CPU tensors
-    ctx = mp.get_context("spawn")
-    failures = ctx.SimpleQueue()
-    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "init"), backends, failures), nprocs=world,
+    failures = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_tp_main, args=(world, str(tmp_path / "init"), check, failures), nprocs=world,
                        start_method="spawn")
     errors = []
     while not failures.empty():
         errors.append(failures.get())
     assert not errors, errors
+
+
+def _tp_check_logprobs(rank, world, backends):
+    """This rank's vocabulary shard of shared logits, against the unsharded reference."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    N, shard, K = 5, 37, 2
+    full = torch.randn(N, shard * world, dtype=torch.float64) * 3
+    full[0, : shard * world // 2] = float("-inf")  # shards with nothing finite in a row
+    labels = torch.randint(0, shard * world, (N, K))
+    labels[1, 1] = -100
+    g_lp, g_ent = torch.randn(N, K, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    x = full.clone().requires_grad_()
+    e_lp, e_ent = logprobs_reference(x, labels, 0.8, True)
+    e_grad, = torch.autograd.grad((e_lp * g_lp).sum() + (e_ent * g_ent).sum(), x)
+    mine = slice(rank * shard, (rank + 1) * shard)
+    for backend in backends:
+        for inplace in (False, True):
+            part = full[:, mine].float().clone().requires_grad_()
+            logits = part * 1
+            lp, ent = rlhfkern.logprobs(logits, labels, temperature=0.8, return_entropy=True,
+                                       inplace_backward=inplace, tp_group=dist.group.WORLD, backend=backend)
+            grad, = torch.autograd.grad((lp * g_lp.float()).sum() + (ent * g_ent.float()).sum(), part)
+            close(lp, e_lp, 1e-5, 1e-5)
+            close(ent, e_ent, 1e-5, 1e-5)
+            close(grad, e_grad[:, mine], 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_matches_unsharded(tmp_path, world):
+    run_tp(tmp_path, world, "_tp_check_logprobs")
 
 
 # ----------------------------------------------------------------------------- fused with the LM head
@@ -361,41 +370,26 @@ def test_compat_verl_linear_cross_entropy(backend_device):
     close(ent, e_ent, 1e-5, 1e-5)
 
 
-def _tp_linear_worker(rank, world, init_file, backends, failures):
+def _tp_check_linear(rank, world, backends):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        N, H, shard = 9, 12, 50
-        h = torch.randn(N, H, dtype=torch.float64)
-        w = torch.randn(shard * world, H, dtype=torch.float64) * 0.4
-        labels = torch.randint(0, shard * world, (N,))
-        g = [torch.randn(N, dtype=torch.float64) for _ in range(3)]
-        ref = run_linear(lambda a, b, l: linear_logprobs_reference(a, b, l, 0.7, True, True), h, w, labels, g)
-        mine = slice(rank * shard, (rank + 1) * shard)
-        for backend in backends:
-            ours = run_linear(lambda a, b, l: rlhfkern.linear_logprobs(
-                a, b, l, temperature=0.7, return_entropy=True, return_sum_p2=True, chunk_size=4,
-                tp_group=dist.group.WORLD, backend=backend), h.float(), w[mine].float(), labels, g)
-            for x, y in zip(ours[:4], ref[:4]):  # log-probs, entropy, sum p^2, grad hidden (all-reduced)
-                close(x, y, 2e-5, 2e-5)
-            close(ours[4], ref[4][mine], 2e-5, 2e-5)  # grad of this rank's weight shard
-    except Exception as e:  # reported to the parent, which fails the test
-        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    N, H, shard = 9, 12, 50
+    h = torch.randn(N, H, dtype=torch.float64)
+    w = torch.randn(shard * world, H, dtype=torch.float64) * 0.4
+    labels = torch.randint(0, shard * world, (N,))
+    g = [torch.randn(N, dtype=torch.float64) for _ in range(3)]
+    ref = run_linear(lambda a, b, l: linear_logprobs_reference(a, b, l, 0.7, True, True), h, w, labels, g)
+    mine = slice(rank * shard, (rank + 1) * shard)
+    for backend in backends:
+        ours = run_linear(lambda a, b, l: rlhfkern.linear_logprobs(
+            a, b, l, temperature=0.7, return_entropy=True, return_sum_p2=True, tp_group=dist.group.WORLD,
+            backend=backend), h.float(), w[mine].float(), labels, g)
+        for x, y in zip(ours[:4], ref[:4]):  # log-probs, entropy, sum p^2, grad hidden (all-reduced)
+            close(x, y, 2e-5, 2e-5)
+        close(ours[4], ref[4][mine], 2e-5, 2e-5)  # grad of this rank's weight shard
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_linear_logprobs_vocab_parallel(tmp_path, world):
-    import torch.multiprocessing as mp
-
-    backends = [b for b, d in compiled_backends() if d == "cpu"]
-    failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_tp_linear_worker, args=(world, str(tmp_path / "init"), backends, failures), nprocs=world,
-                       start_method="spawn")
-    errors = []
-    while not failures.empty():
-        errors.append(failures.get())
-    assert not errors, errors
+    run_tp(tmp_path, world, "_tp_check_linear")

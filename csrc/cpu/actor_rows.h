@@ -4,45 +4,9 @@
 // blocks of V's width, its tail one token at a time with the same templates (token_math.h).
 // Include inside the namespace of the includer, after token_math.h, <cstring> and <type_traits>.
 
+#include "lanes.h"
+
 namespace rlhfkern {
-
-template <typename V>
-constexpr int lane_count() {
-  return static_cast<int>(sizeof(V) / sizeof(elem_t<V>));
-}
-
-template <typename V, typename T>
-inline V load_lanes(const T* p) {
-  if constexpr (lane_count<V>() == 1) {
-    return static_cast<V>(*p);
-  } else if constexpr (std::is_same_v<T, float>) {
-    V v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  } else {
-    float tmp[lane_count<V>()];
-    for (int j = 0; j < lane_count<V>(); ++j) tmp[j] = static_cast<float>(p[j]);
-    V v;
-    std::memcpy(&v, tmp, sizeof v);
-    return v;
-  }
-}
-
-template <typename V>
-inline void store_lanes(elem_t<V>* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
-template <typename V>
-inline elem_t<V> sum_lanes(V v) {  // a fixed order: deterministic
-  if constexpr (lane_count<V>() == 1) {
-    return v;
-  } else {
-    elem_t<V> s = 0;
-    for (int j = 0; j < lane_count<V>(); ++j) s += v[j];
-    return s;
-  }
-}
 
 // One row's inputs, already offset to the row. Absent optional inputs are null and never read.
 template <typename val_t, typename mask_t>
@@ -103,7 +67,7 @@ void actor_fwd_row(const Row<val_t, mask_t>& r, int64_t T, const TokenParams<ele
   S tail[7] = {};
   actor_fwd_span<V>(r, 0, body, p, wide);
   actor_fwd_span<S>(r, body, T, p, tail);
-  for (int c = 0; c < 7; ++c) out[c] = sum_lanes(wide[c]) + tail[c];
+  for (int c = 0; c < 7; ++c) out[c] = static_cast<S>(sum_lanes(wide[c]) + tail[c]);
 }
 
 template <typename V, typename val_t, typename mask_t>

@@ -6,67 +6,24 @@
 // p_v = exp(z_v - lse), G = sum_k g_k. Included, like actor_rows.h, by a baseline (SSE) and an
 // AVX2 build; each row is independent and reduced in a fixed order: batch-invariant results.
 
+#include "lanes.h"
+
 namespace rlhfkern {
 
 constexpr int64_t kVocabTile = 2048;  // a tile's z stays in L1 between its max and its sums
-
-// lanes as in actor_rows.h
-template <typename V>
-constexpr int softmax_lanes() {
-  return static_cast<int>(sizeof(V) / sizeof(elem_t<V>));
-}
-
-template <typename V, typename T>
-inline V softmax_load(const T* p) {
-  if constexpr (softmax_lanes<V>() == 1) {
-    return static_cast<V>(*p);
-  } else if constexpr (std::is_same_v<T, float>) {
-    V v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  } else {
-    float tmp[softmax_lanes<V>()];
-    for (int j = 0; j < softmax_lanes<V>(); ++j) tmp[j] = static_cast<float>(p[j]);
-    V v;
-    std::memcpy(&v, tmp, sizeof v);
-    return v;
-  }
-}
-
-template <typename V>
-inline elem_t<V> lanes_max(V v) {
-  if constexpr (softmax_lanes<V>() == 1) {
-    return v;
-  } else {
-    elem_t<V> m = v[0];
-    for (int j = 1; j < softmax_lanes<V>(); ++j) m = v[j] > m ? v[j] : m;
-    return m;
-  }
-}
-
-template <typename V>
-inline double lanes_sum(V v) {
-  if constexpr (softmax_lanes<V>() == 1) {
-    return v;
-  } else {
-    double s = 0;
-    for (int j = 0; j < softmax_lanes<V>(); ++j) s += v[j];
-    return s;
-  }
-}
 
 // max of z over [t0, t1) and acc_max (a nan z is dropped here; the sums that follow carry it)
 template <typename V, typename T>
 inline elem_t<V> tile_max(const T* x, int64_t t0, int64_t t1, elem_t<V> temp, elem_t<V> acc_max) {
   using E = elem_t<V>;
-  constexpr int W = softmax_lanes<V>();
+  constexpr int W = lane_count<V>();
   V m = splat<V>(-INFINITY);
   int64_t t = t0;
   for (; t + W <= t1; t += W) {
-    const V z = softmax_load<V>(x + t) / temp;
+    const V z = load_lanes<V>(x + t) / temp;
     m = z > m ? z : m;
   }
-  E r = lanes_max(m) > acc_max ? lanes_max(m) : acc_max;
+  E r = max_lanes(m) > acc_max ? max_lanes(m) : acc_max;
   for (; t < t1; ++t) {
     const E z = static_cast<E>(x[t]) / temp;
     r = z > r ? z : r;
@@ -78,17 +35,17 @@ inline elem_t<V> tile_max(const T* x, int64_t t0, int64_t t1, elem_t<V> temp, el
 template <typename V, typename T>
 inline void tile_sums(const T* x, int64_t t0, int64_t t1, elem_t<V> temp, elem_t<V> m, double& s, double& a) {
   using E = elem_t<V>;
-  constexpr int W = softmax_lanes<V>();
+  constexpr int W = lane_count<V>();
   V vs = splat<V>(0), va = splat<V>(0);
   int64_t t = t0;
   for (; t + W <= t1; t += W) {
-    const V z = softmax_load<V>(x + t) / temp;
+    const V z = load_lanes<V>(x + t) / temp;
     const V e = exp_nonpositive<V>(z - m);
     vs += e;
     va += z == -INFINITY ? splat<V>(0) : e * z;
   }
-  s += lanes_sum(vs);
-  a += lanes_sum(va);
+  s += sum_lanes(vs);
+  a += sum_lanes(va);
   for (; t < t1; ++t) {
     const E z = static_cast<E>(x[t]) / temp;
     const E e = exp_nonpositive<E>(z - m);
@@ -123,13 +80,13 @@ template <typename V, typename T, typename O>
 void softmax_row_backward(const T* x, O* out, int64_t n, elem_t<V> temp, elem_t<V> lse, elem_t<V> ez, elem_t<V> g_sum,
                           elem_t<V> g_ent, const int64_t* labels, const elem_t<V>* g_lp, int64_t k) {
   using E = elem_t<V>;
-  constexpr int W = softmax_lanes<V>();
+  constexpr int W = lane_count<V>();
   V iota;
   for (int j = 0; j < W; ++j) reinterpret_cast<E*>(&iota)[j] = E(j);
   const E inv_t = E(1) / temp;
   int64_t t = 0;
   for (; t + W <= n; t += W) {
-    const V z = softmax_load<V>(x + t) / temp;
+    const V z = load_lanes<V>(x + t) / temp;
     const V p = exp_nonpositive<V>(z - lse);
     V dz = -(g_sum * p) - (z == -INFINITY ? splat<V>(0) : g_ent * p * (z - ez));
     const V idx = iota + E(t);
