@@ -56,7 +56,7 @@ def extension():
 ext, cuda = extension()
 setup(
     version=f"{BASE_VERSION}+{local_version(cuda)}",
-    packages=["rlhfkern", "rlhfkern.ops", "rlhfkern.compat", "rlhfkern.triton_kernels"],
+    packages=["rlhfkern", "rlhfkern.ops", "rlhfkern.compat", "rlhfkern.reshard", "rlhfkern.triton_kernels"],
     package_dir={"rlhfkern.triton_kernels": "triton_kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},

@@ -1,0 +1,195 @@
+"""Resharding plans: which source bytes go to which destination, computed, not communicated.
+
+`plan_reshard(src_layout, dst_layout)` covers every element of every destination shard with
+exactly one source region: where several source ranks hold the same bytes (replicas), the one
+that has sent least so far is chosen (colocated: the same process first, for free). A transfer
+moves a contiguous range along the tensors' split axis (the other axis whole) from one source
+parameter to one or more destinations that need exactly those bytes (multicast). Padding rows are
+zero-filled at the destination, never sent.
+"""
+
+import collections
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class Transfer:
+    src_rank: int
+    src_name: str
+    axis: int
+    src_offset: int
+    length: int
+    hf: str
+    hf_start: int
+    per_index: int  # elements per index along the axis (the other axis whole)
+    dsts: list      # of (dst_rank, dst_name, dst_offset)
+
+    @property
+    def elements(self):
+        return self.length * self.per_index
+
+
+def _per_index(shape, axis):
+    n = 1
+    for i, d in enumerate(shape):
+        if i != axis:
+            n *= d
+    return n
+
+
+class Plan:
+    def __init__(self, src, dst, colocated, transfers, dtype):
+        self.src, self.dst, self.colocated, self.transfers, self.dtype = src, dst, colocated, transfers, dtype
+        self.dst_params = {r: dst.params(r) for r in range(dst.world)}
+        self.src_params = {r: src.params(r) for r in range(src.world)}
+
+    def src_process(self, rank):
+        return rank
+
+    def dst_process(self, rank):
+        return rank if self.colocated else self.src.world + rank
+
+    def verify(self):
+        """Every destination element covered exactly once by a transfer (padding never), every
+        source read in bounds and from the same HF elements the destination expects."""
+        cover = {(r, n): torch.zeros(p.shape[p.pieces[0].axis if p.pieces else 0], dtype=torch.int64)
+                 for r, ps in self.dst_params.items() for n, p in ps.items()}
+        for t in self.transfers:
+            sp = self.src_params[t.src_rank][t.src_name]
+            if t.src_offset < 0 or t.src_offset + t.length > sp.shape[t.axis]:
+                raise AssertionError(f"read out of bounds: {t}")
+            if not any(pc.hf == t.hf and pc.axis == t.axis and pc.start <= t.hf_start
+                       and t.hf_start + t.length <= pc.stop and pc.offset + t.hf_start - pc.start == t.src_offset
+                       for pc in sp.pieces):
+                raise AssertionError(f"source region is not {t.hf}[{t.hf_start}:+{t.length}]: {t}")
+            for r, n, off in t.dsts:
+                dp = self.dst_params[r][n]
+                if not any(pc.hf == t.hf and pc.axis == t.axis and pc.start <= t.hf_start
+                           and t.hf_start + t.length <= pc.stop and pc.offset + t.hf_start - pc.start == off
+                           for pc in dp.pieces):
+                    raise AssertionError(f"destination region is not {t.hf}[{t.hf_start}:+{t.length}]: {t}")
+                cover[(r, n)][off:off + t.length] += 1
+        for (r, n), c in cover.items():
+            want = torch.zeros_like(c)
+            for pc in self.dst_params[r][n].pieces:
+                want[pc.offset:pc.offset + pc.stop - pc.start] = 1
+            if not torch.equal(c, want):
+                raise AssertionError(f"rank {r} {n}: coverage {c.tolist()} instead of {want.tolist()}")
+        return True
+
+    def stats(self):
+        """{bytes_received, lower_bound, broadcast_bytes}: each {dst_rank: int}."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        shapes = self.dst.spec.hf_shapes()
+        received = collections.Counter()
+        for t in self.transfers:
+            for r, _, _ in t.dsts:
+                if self.src_process(t.src_rank) != self.dst_process(r):
+                    received[r] += t.elements * size
+        lower, broadcast = {}, {}
+        for r, params in self.dst_params.items():
+            here = self._held_by_process(self.dst_process(r))
+            need, tensors = 0, set()
+            for p in params.values():
+                for pc in p.pieces:
+                    per = _per_index(shapes[pc.hf], pc.axis)
+                    need += (pc.stop - pc.start - _overlap(here.get((pc.hf, pc.axis), []), pc.start, pc.stop)) * per * size
+                    tensors.add(pc.hf)
+            lower[r] = need
+            broadcast[r] = sum(_numel(shapes[h]) for h in tensors) * size
+        return {"bytes_received": {r: received[r] for r in self.dst_params}, "lower_bound": lower,
+                "broadcast_bytes": broadcast}
+
+    def _held_by_process(self, process):
+        """{(hf, axis): [(start, stop)]} of the source pieces living on `process`."""
+        held = collections.defaultdict(list)
+        for r, params in self.src_params.items():
+            if self.src_process(r) == process:
+                for p in params.values():
+                    for pc in p.pieces:
+                        held[(pc.hf, pc.axis)].append((pc.start, pc.stop))
+        return held
+
+    def summary(self):
+        st = self.stats()
+        lines = [f"{type(self.src).__name__}(world {self.src.world}) -> {type(self.dst).__name__}(world {self.dst.world})"
+                 f"{', colocated' if self.colocated else ''}: {len(self.transfers)} transfers"]
+        for r in sorted(st["bytes_received"]):
+            b, lb, bc = st["bytes_received"][r], st["lower_bound"][r], st["broadcast_bytes"][r]
+            lines.append(f"  dst rank {r}: receives {b / 2**20:.2f} MiB (lower bound {lb / 2**20:.2f} MiB), "
+                         f"a full-tensor broadcast sends {bc / 2**20:.2f} MiB ({bc / max(b, 1):.1f}x)")
+        return "\n".join(lines)
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _overlap(intervals, start, stop):
+    """Elements of [start, stop) covered by the union of intervals."""
+    covered, cur = 0, start
+    for a, b in sorted(intervals):
+        a, b = max(a, cur), min(b, stop)
+        if b > a:
+            covered += b - a
+            cur = b
+    return covered
+
+
+def plan_reshard(src_layout, dst_layout, *, colocated=False, dtype=torch.bfloat16):
+    """The plan moving src_layout's shards into dst_layout's (pure computation)."""
+    if src_layout.spec != dst_layout.spec:
+        raise ValueError("source and destination layouts describe different models")
+    if colocated and dst_layout.world > src_layout.world:
+        raise ValueError("colocated needs a source process for every destination rank")
+    shapes = src_layout.spec.hf_shapes()
+    index = collections.defaultdict(list)  # (hf, axis) -> [(src_rank, name, piece)]
+    for r in range(src_layout.world):
+        for name, p in src_layout.params(r).items():
+            for pc in p.pieces:
+                index[(pc.hf, pc.axis)].append((r, name, pc))
+    sent = collections.Counter()  # elements sent per source rank
+    groups = {}  # (src_rank, name, src_offset, length) -> Transfer
+    for dr in range(dst_layout.world):
+        for dname, dp in dst_layout.params(dr).items():
+            for dpc in dp.pieces:
+                cands = [(r, n, pc) for r, n, pc in index[(dpc.hf, dpc.axis)] if pc.start < dpc.stop and dpc.start < pc.stop]
+                cuts = sorted({dpc.start, dpc.stop} | {max(pc.start, dpc.start) for _, _, pc in cands}
+                              | {min(pc.stop, dpc.stop) for _, _, pc in cands})
+                per = _per_index(shapes[dpc.hf], dpc.axis)
+                segments = []  # (src_rank, name, src_piece, a, b), merged when contiguous
+                for a, b in zip(cuts, cuts[1:]):
+                    cover = [(r, n, pc) for r, n, pc in cands if pc.start <= a and b <= pc.stop]
+                    if not cover:
+                        raise ValueError(f"{dpc.hf}[{a}:{b}] is not held by any source rank")
+                    local = [c for c in cover if colocated and c[0] == dr]
+                    r, n, pc = local[0] if local else min(cover, key=lambda c: (sent[c[0]], c[0]))
+                    if not local:
+                        sent[r] += (b - a) * per
+                    if segments and segments[-1][:3] == (r, n, pc) and segments[-1][4] == a:
+                        segments[-1] = (r, n, pc, segments[-1][3], b)
+                    else:
+                        segments.append((r, n, pc, a, b))
+                for r, n, pc, a, b in segments:
+                    key = (r, n, pc.offset + a - pc.start, b - a)
+                    if key not in groups:
+                        groups[key] = Transfer(r, n, dpc.axis, key[2], b - a, dpc.hf, a, per, [])
+                    groups[key].dsts.append((dr, dname, dpc.offset + a - dpc.start))
+    return Plan(src_layout, dst_layout, colocated, list(groups.values()), dtype)
+
+
+def apply(plan, src_shards):
+    """Runs a plan in one process: {rank: {name: tensor}} of the source layout -> the destination's."""
+    like = next(iter(next(iter(src_shards.values())).values()))
+    out = {r: {n: torch.zeros(p.shape, dtype=like.dtype, device=like.device) for n, p in ps.items()}
+           for r, ps in plan.dst_params.items()}
+    for t in plan.transfers:
+        piece = src_shards[t.src_rank][t.src_name].narrow(t.axis, t.src_offset, t.length)
+        for r, n, off in t.dsts:
+            out[r][n].narrow(t.axis, off, t.length).copy_(piece)
+    return out
