@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch==2.13.0 is pinned in the same command as the rest: anything else pulls a 5 GB CUDA build.
 DEPS := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark ninja pybind11 setuptools wheel \
-        verl==0.9.1 trl==1.16.0
+        verl==0.9.1 trl==1.16.0 megatron-core==0.16.1
 BENCH_ARGS ?=
 
 .PHONY: deps build test bench info cuda-check cuda-build-check gpu-check clean

@@ -1,0 +1,194 @@
+"""Resharding: layouts against the real model classes (transformers for HF names and shapes,
+megatron-core 0.16.1 GPTModel for Megatron's), shard/unshard round trips, and plans that verify,
+move exactly the lower bound and give the destination layout's own shards."""
+
+import pytest
+import torch
+
+from rlhfkern.reshard import HFLayout, MegatronLayout, ModelSpec, VLLMLayout, apply, plan_reshard
+
+
+def configs():
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=64)
+    return {
+        "llama-gqa": LlamaConfig(num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, **small),
+        "llama-mqa-tied": LlamaConfig(num_attention_heads=4, num_key_value_heads=1, vocab_size=999,
+                                      tie_word_embeddings=True, **small),
+        "qwen2-bias": Qwen2Config(num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+                                  tie_word_embeddings=False, **small),
+        "qwen3-qknorm": Qwen3Config(num_attention_heads=8, num_key_value_heads=4, head_dim=16, vocab_size=515,
+                                    tie_word_embeddings=False, **small),
+    }
+
+
+def hf_model(config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="module", params=list(configs()))
+def model(request):
+    config = configs()[request.param]
+    m = hf_model(config)
+    # named_parameters: a tied lm_head is the embedding, listed once (as HF checkpoints store it)
+    return ModelSpec.from_hf_config(config), {k: v.detach() for k, v in m.named_parameters()}
+
+
+def test_spec_matches_the_hf_model(model):
+    spec, sd = model
+    assert {k: tuple(v.shape) for k, v in sd.items()} == spec.hf_shapes()
+
+
+def layouts_for(spec):
+    """The layouts this model admits (Megatron needs tp | KV heads; vLLM tp | heads)."""
+    out = [HFLayout(spec), MegatronLayout(spec, 1, 2), VLLMLayout(spec, 1)]
+    out += [MegatronLayout(spec, tp, 1) for tp in (2, 4) if spec.kv_heads % tp == 0]
+    out += [VLLMLayout(spec, tp) for tp in (2, 4, 8) if spec.heads % tp == 0]
+    return out
+
+
+def test_shard_unshard_round_trip(model):
+    spec, sd = model
+    for layout in layouts_for(spec):
+        shards = layout.shard(sd)
+        assert sorted(shards) == list(range(layout.world))
+        back = layout.unshard(shards)
+        assert back.keys() == sd.keys()
+        for k in sd:
+            assert torch.equal(back[k], sd[k]), (layout, k)
+
+
+def test_vllm_padding_and_replication(model):
+    spec, sd = model
+    tp = 2 * spec.kv_heads  # every KV head on two ranks (all the configs here have heads >= 2 x KV heads)
+    shards = VLLMLayout(spec, tp).shard(sd)
+    hd, q = spec.head_dim, spec.heads // tp * spec.head_dim
+    for r in range(tp):
+        qkv = shards[r]["model.layers.0.self_attn.qkv_proj.weight"]
+        head = r // 2
+        assert torch.equal(qkv[q:q + hd], sd["model.layers.0.self_attn.k_proj.weight"][head * hd:(head + 1) * hd])
+    emb = torch.cat([shards[r]["model.embed_tokens.weight"] for r in range(tp)])
+    assert emb.shape[0] % 64 == 0 and torch.equal(emb[:spec.vocab], sd["model.embed_tokens.weight"])
+    assert not emb[spec.vocab:].any()  # padding rows are zero
+
+
+CASES = [(1, 1, 2), (2, 1, 4), (4, 1, 2), (2, 2, 2), (2, 1, 8)]
+
+
+def fits(spec, a, c):
+    return spec.kv_heads % a == 0 and spec.heads % c == 0 and (spec.kv_heads % c == 0 or c % spec.kv_heads == 0)
+
+
+PLAN_CASES = [(name, a, b, c) for name, cfg in configs().items() for a, b, c in CASES
+              if fits(ModelSpec.from_hf_config(cfg), a, c)]
+
+
+@pytest.mark.parametrize("name,a,b,c", PLAN_CASES)
+def test_plan_megatron_to_vllm(name, a, b, c):
+    config = configs()[name]
+    spec = ModelSpec.from_hf_config(config)
+    sd = {k: v.detach() for k, v in hf_model(config).named_parameters()}
+    src, dst = MegatronLayout(spec, a, b), VLLMLayout(spec, c)
+    plan = plan_reshard(src, dst, dtype=sd["model.norm.weight"].dtype)
+    assert plan.verify()
+    st = plan.stats()
+    assert st["bytes_received"] == st["lower_bound"]  # exactly its shard, nothing more
+    assert all(st["broadcast_bytes"][r] > st["lower_bound"][r] for r in st["lower_bound"])
+    out = apply(plan, src.shard(sd))
+    expected = dst.shard(sd)
+    for r in expected:
+        assert out[r].keys() == expected[r].keys()
+        for n in expected[r]:
+            assert torch.equal(out[r][n], expected[r][n]), (r, n)
+
+
+def test_plan_colocated_moves_less(model):
+    spec, sd = model
+    src, dst = MegatronLayout(spec, 1, 2), VLLMLayout(spec, 2)
+    plan = plan_reshard(src, dst, colocated=True)
+    assert plan.verify()
+    st = plan.stats()
+    assert st["bytes_received"] == st["lower_bound"]
+    apart = plan_reshard(src, dst).stats()
+    assert all(st["bytes_received"][r] < apart["bytes_received"][r] for r in st["bytes_received"])
+    out = apply(plan, src.shard(sd))
+    expected = dst.shard(sd)
+    assert all(torch.equal(out[r][n], expected[r][n]) for r in expected for n in expected[r])
+
+
+def test_plan_back_and_between_vllm_sizes(model):
+    spec, sd = model
+    for src, dst in [(VLLMLayout(spec, 1), MegatronLayout(spec, 1, 2)), (VLLMLayout(spec, 1), VLLMLayout(spec, 4))]:
+        plan = plan_reshard(src, dst)
+        assert plan.verify()
+        out = apply(plan, src.shard(sd))
+        expected = dst.shard(sd)
+        assert all(torch.equal(out[r][n], expected[r][n]) for r in expected for n in expected[r])
+
+
+def test_bad_layouts_are_refused(model):
+    spec, _ = model
+    with pytest.raises(ValueError, match="must divide the KV heads"):
+        MegatronLayout(spec, spec.kv_heads * 2 + 1, 1)
+    with pytest.raises(ValueError, match="must divide the layers"):
+        MegatronLayout(spec, 1, 3)
+    with pytest.raises(ValueError, match="colocated needs a source process"):
+        plan_reshard(MegatronLayout(spec, 1, 1), VLLMLayout(spec, 2), colocated=True)
+
+
+# ----------------------------------------------------------------------------- megatron-core itself
+def _megatron_names_and_shapes(rank, world, tp, pp, config_name, init_file, failures):
+    """One rank of a gloo group: megatron-core 0.16.1 GPTModel (local spec, CPU) against the layout.
+    (Tied embeddings with pp > 1 are not built here: megatron syncs them across stages on CUDA.)"""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        spec = ModelSpec.from_hf_config(configs()[config_name])
+        layout = MegatronLayout(spec, tp, pp)
+        tc = TransformerConfig(num_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
+                               num_query_groups=spec.kv_heads, ffn_hidden_size=spec.ffn, kv_channels=spec.head_dim,
+                               use_cpu_initialization=True, normalization="RMSNorm", gated_linear_unit=True,
+                               activation_func=F.silu, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
+                               qk_layernorm=spec.qk_norm, pipeline_model_parallel_size=pp,
+                               tensor_model_parallel_size=tp, pipeline_dtype=torch.float32)
+        model = GPTModel(tc, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm),
+                         vocab_size=layout.padded_vocab, max_sequence_length=64,
+                         share_embeddings_and_output_weights=spec.tied, position_embedding_type="rope",
+                         pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage())
+        theirs = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        ours = {n: tuple(p.shape) for n, p in layout.params(rank).items()}
+        if theirs != ours:
+            failures.put(f"rank {rank}: megatron-core {sorted(theirs.items())} != layout {sorted(ours.items())}")
+    except Exception as e:  # reported to the parent, which fails the test
+        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config_name,tp,pp", [("qwen2-bias", 1, 1), ("qwen2-bias", 2, 1), ("llama-gqa", 2, 2),
+                                               ("qwen3-qknorm", 2, 1), ("llama-mqa-tied", 1, 1)])
+def test_megatron_layout_equals_megatron_core(tmp_path, config_name, tp, pp):
+    import torch.multiprocessing as mp
+
+    failures = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_megatron_names_and_shapes, args=(tp * pp, tp, pp, config_name, str(tmp_path / "init"), failures),
+                       nprocs=tp * pp, start_method="spawn")
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert not errors, errors
