@@ -35,11 +35,54 @@ def info():
     return "\n".join(lines)
 
 
+def parse_layout(text, spec):
+    """'megatron:tp=2,pp=1' | 'vllm:tp=4' | 'hf' -> a layout of rlhfkern.reshard."""
+    from .reshard import HFLayout, MegatronLayout, VLLMLayout
+
+    kind, _, args = text.partition(":")
+    opts = {}
+    for item in filter(None, args.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("tp", "pp") or not value.isdigit():
+            raise SystemExit(f"bad layout option {item!r} in {text!r}: expected tp=N or pp=N")
+        opts[key] = int(value)
+    if kind == "megatron":
+        return MegatronLayout(spec, opts.get("tp", 1), opts.get("pp", 1))
+    if kind == "vllm" and "pp" not in opts:
+        return VLLMLayout(spec, opts.get("tp", 1))
+    if kind == "hf" and not opts:
+        return HFLayout(spec)
+    raise SystemExit(f"bad layout {text!r}: expected megatron:tp=A,pp=B, vllm:tp=C or hf")
+
+
+def reshard(args):
+    from transformers import AutoConfig
+
+    from .reshard import ModelSpec, plan_reshard
+
+    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(args.hf_config))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    try:
+        plan = plan_reshard(parse_layout(args.src, spec), parse_layout(args.dst, spec), colocated=args.colocated,
+                            dtype=dtype)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    plan.verify()
+    return plan.summary()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m rlhfkern")
-    parser.add_argument("command", choices=["info"])
-    parser.parse_args(argv)
-    print(info())
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, what was built, which backends run here")
+    rs = sub.add_parser("reshard", help="the summary of a resharding plan (bytes per rank vs lower bound and broadcast)")
+    rs.add_argument("--hf-config", required=True, help="a HF model folder (config.json) or config file")
+    rs.add_argument("--src", required=True, help="megatron:tp=A,pp=B | vllm:tp=C | hf")
+    rs.add_argument("--dst", required=True, help="megatron:tp=A,pp=B | vllm:tp=C | hf")
+    rs.add_argument("--colocated", action="store_true", help="destination rank i shares source rank i's process")
+    rs.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    args = parser.parse_args(argv)
+    print(info() if args.command == "info" else reshard(args))
     return 0
 
 

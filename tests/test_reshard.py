@@ -192,3 +192,71 @@ def test_megatron_layout_equals_megatron_core(tmp_path, config_name, tp, pp):
     while not failures.empty():
         errors.append(failures.get())
     assert not errors, errors
+
+
+# ----------------------------------------------------------------------------- executor, real processes
+def _executor_worker(process, world, init_file, name, a, b, c, bucket_bytes, colocated, failures):
+    import torch.distributed as dist
+
+    from rlhfkern.reshard import Resharder
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=process, world_size=world)
+    try:
+        config = configs()[name]
+        spec = ModelSpec.from_hf_config(config)
+        sd = {k: v.detach() for k, v in hf_model(config).named_parameters()}  # the same weights everywhere
+        src, dst = MegatronLayout(spec, a, b), VLLMLayout(spec, c)
+        plan = plan_reshard(src, dst, colocated=colocated, dtype=torch.float32)
+        mine_src = {process: src.shard(sd)[process]} if process < src.world else {}
+        dst_rank = process if colocated else process - src.world
+        expected = dst.shard(sd)
+        mine_dst = {}
+        if 0 <= dst_rank < dst.world:  # live parameters with garbage in them, written in place
+            mine_dst = {dst_rank: {n: torch.full_like(t, float("nan")) for n, t in expected[dst_rank].items()}}
+        live = {r: dict(p) for r, p in mine_dst.items()}
+        resharder = Resharder(plan, bucket_bytes=bucket_bytes)
+        resharder.run(mine_src, mine_dst)
+        for r, params in mine_dst.items():
+            for n, t in params.items():
+                assert t is live[r][n]  # in place
+                assert torch.equal(t, expected[r][n]), (r, n)
+        assert resharder.peak_buffer_bytes <= 2 * max(bucket_bytes, spec.hidden * 4), resharder.peak_buffer_bytes
+    except Exception as e:  # reported to the parent, which fails the test
+        failures.put(f"process {process}: {type(e).__name__}: {e}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name,a,b,c,bucket_bytes,colocated", [
+    ("qwen2-bias", 1, 1, 2, 1 << 20, False),
+    ("llama-gqa", 2, 1, 4, 4096, False),  # buckets far smaller than the largest tensor
+    ("qwen2-bias", 2, 2, 2, 20000, False),
+    ("qwen3-qknorm", 4, 1, 2, 1 << 16, True),  # colocated: destination i shares source i's process
+])
+def test_executor_megatron_to_vllm(tmp_path, name, a, b, c, bucket_bytes, colocated):
+    import torch.multiprocessing as mp
+
+    world = max(a * b, c) if colocated else a * b + c
+    failures = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_executor_worker, args=(world, str(tmp_path / "init"), name, a, b, c, bucket_bytes, colocated,
+                                               failures), nprocs=world, start_method="spawn")
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert not errors, errors
+
+
+def test_reshard_command_prints_the_plan(tmp_path):
+    import subprocess
+    import sys
+
+    configs()["qwen2-bias"].save_pretrained(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "rlhfkern", "reshard", "--hf-config", str(tmp_path),
+                           "--src", "megatron:tp=2,pp=1", "--dst", "vllm:tp=4"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("MegatronLayout(world 2) -> VLLMLayout(world 4)")
+    assert len(lines) == 5 and all("lower bound" in line for line in lines[1:])
+    bad = subprocess.run([sys.executable, "-m", "rlhfkern", "reshard", "--hf-config", str(tmp_path),
+                          "--src", "megatron:tp=3", "--dst", "vllm:tp=4"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "must divide" in bad.stderr

@@ -5,9 +5,13 @@ inference layout (vLLM TP) so that each destination receives exactly its shard.
     plan = plan_reshard(MegatronLayout(spec, tp=2, pp=1), VLLMLayout(spec, tp=4))
     plan.verify(); plan.stats()
     vllm_shards = apply(plan, megatron_shards)        # in one process (offline conversion)
+    Resharder(plan, bucket_bytes=64 << 20).run(my_src_shards, my_live_dst_params)   # every process
 """
 
+from .executor import Resharder
 from .layouts import HFLayout, MegatronLayout, ModelSpec, Piece, VLLMLayout
 from .plan import Plan, apply, plan_reshard
 
-__all__ = ["HFLayout", "MegatronLayout", "ModelSpec", "Piece", "Plan", "VLLMLayout", "apply", "plan_reshard"]
+__all__ = [
+    "HFLayout", "MegatronLayout", "ModelSpec", "Piece", "Plan", "Resharder", "VLLMLayout", "apply", "plan_reshard",
+]

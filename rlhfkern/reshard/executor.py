@@ -1,0 +1,132 @@
+"""Running a plan over torch.distributed: each destination receives exactly its shard, in buckets.
+
+Every process builds the same plan and calls `Resharder(plan).run(src_tensors, dst_tensors)`
+with the parameters it holds (source rank r is process r of the group; destination rank i is
+process i when colocated, else src.world + i). Messages between a pair of processes are packed
+into buckets of at most `bucket_bytes` (a segment longer than a bucket is split along its axis,
+never refused); buckets go in rounds where each process sends at most one and receives at most
+one, so no process holds more than two buckets of extra memory. Bytes already on the receiving
+process are copied, never sent; padding is zero-filled at the destination.
+"""
+
+import collections
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class _Segment:
+    src_name: str
+    dst_name: str
+    axis: int
+    src_offset: int
+    dst_offset: int
+    length: int
+    per_index: int
+
+
+class Resharder:
+    def __init__(self, plan, *, bucket_bytes=64 << 20, group=None):
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        self.plan, self.bucket_bytes, self.group = plan, int(bucket_bytes), group
+        self.itemsize = torch.empty((), dtype=plan.dtype).element_size()
+        self.local, self.rounds = self._schedule()
+        self.peak_buffer_bytes = 0  # the most bucket memory one run held at once, on this process
+
+    def _schedule(self):
+        """(local copies {process: [(src_rank, dst_rank, segment)]}, rounds of bucket messages)."""
+        plan = self.plan
+        pairs = collections.defaultdict(list)  # (sender, receiver) -> [(src_rank, dst_rank, segment)]
+        local = collections.defaultdict(list)
+        for t in plan.transfers:
+            for r, name, off in t.dsts:
+                seg = _Segment(t.src_name, name, t.axis, t.src_offset, off, t.length, t.per_index)
+                sender, receiver = plan.src_process(t.src_rank), plan.dst_process(r)
+                (local[sender] if sender == receiver else pairs[(sender, receiver)]).append((t.src_rank, r, seg))
+        per_bucket = max(1, self.bucket_bytes // self.itemsize)
+        messages = []  # (sender, receiver, [(src_rank, dst_rank, segment)])
+        for (sender, receiver), segs in sorted(pairs.items()):
+            bucket, used = [], 0
+            for src_rank, dst_rank, seg in segs:
+                step = max(1, per_bucket // seg.per_index)  # indices per piece: a long segment is split
+                for start in range(0, seg.length, step):
+                    n = min(step, seg.length - start)
+                    if bucket and used + n * seg.per_index > per_bucket:
+                        messages.append((sender, receiver, bucket))
+                        bucket, used = [], 0
+                    bucket.append((src_rank, dst_rank, dataclasses.replace(
+                        seg, src_offset=seg.src_offset + start, dst_offset=seg.dst_offset + start, length=n)))
+                    used += n * seg.per_index
+            if bucket:
+                messages.append((sender, receiver, bucket))
+        rounds = []  # greedy matching: a process sends at most one and receives at most one per round
+        pending = messages
+        while pending:
+            senders, receivers, this, rest = set(), set(), [], []
+            for m in pending:
+                if m[0] in senders or m[1] in receivers:
+                    rest.append(m)
+                else:
+                    senders.add(m[0]), receivers.add(m[1]), this.append(m)
+            rounds.append(this)
+            pending = rest
+        return local, rounds
+
+    def _process(self):
+        return dist.get_rank(self.group) if dist.is_initialized() else 0
+
+    @staticmethod
+    def _view(tensor, seg, offset):
+        return tensor.narrow(seg.axis, offset, seg.length)
+
+    def run(self, src_tensors=None, dst_tensors=None):
+        """src_tensors {src_rank: {name: tensor}} and dst_tensors {dst_rank: {name: tensor}} held by
+        this process (dst tensors are written in place: pass the live inference parameters)."""
+        src_tensors, dst_tensors = src_tensors or {}, dst_tensors or {}
+        me = self._process()
+        for r, params in src_tensors.items():
+            for name, t in params.items():
+                if t.dtype != self.plan.dtype:
+                    raise ValueError(f"source rank {r} {name} is {t.dtype}, the plan moves {self.plan.dtype}")
+        for r, params in dst_tensors.items():  # padding: zeros; real bytes are all overwritten below
+            for name, p in self.plan.dst_params[r].items():
+                t = params[name]
+                if t.shape != torch.Size(p.shape) or t.dtype != self.plan.dtype:
+                    raise ValueError(f"destination rank {r} {name} is {tuple(t.shape)} {t.dtype}, "
+                                     f"expected {p.shape} {self.plan.dtype}")
+                axis = p.pieces[0].axis if p.pieces else 0
+                if sum(pc.stop - pc.start for pc in p.pieces) < p.shape[axis]:
+                    t.zero_()
+        for src_rank, dst_rank, seg in self.local.get(me, []):
+            self._view(dst_tensors[dst_rank][seg.dst_name], seg, seg.dst_offset).copy_(
+                self._view(src_tensors[src_rank][seg.src_name], seg, seg.src_offset))
+        like = next(iter(next(iter({**src_tensors, **dst_tensors}.values())).values()), None)
+        device = like.device if like is not None else torch.device("cpu")
+        for messages in self.rounds:
+            ops, unpack, held = [], None, 0
+            for sender, receiver, bucket in messages:
+                n = sum(seg.length * seg.per_index for _, _, seg in bucket)
+                if sender == me:
+                    buf = torch.cat([self._view(src_tensors[s][seg.src_name], seg, seg.src_offset).reshape(-1)
+                                     for s, _, seg in bucket])
+                    ops.append(dist.isend(buf, receiver, group=self.group))
+                    held += buf.numel() * self.itemsize
+                if receiver == me:
+                    buf = torch.empty(n, dtype=self.plan.dtype, device=device)
+                    ops.append(dist.irecv(buf, sender, group=self.group))
+                    unpack = (buf, bucket)
+                    held += n * self.itemsize
+            self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
+            for op in ops:
+                op.wait()
+            if unpack is not None:
+                buf, bucket = unpack
+                at = 0
+                for _, d, seg in bucket:
+                    view = self._view(dst_tensors[d][seg.dst_name], seg, seg.dst_offset)
+                    view.copy_(buf[at:at + view.numel()].view(view.shape))
+                    at += view.numel()
+        return dst_tensors
