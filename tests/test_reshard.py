@@ -141,52 +141,85 @@ def test_bad_layouts_are_refused(model):
 
 
 # ----------------------------------------------------------------------------- megatron-core itself
-def _megatron_names_and_shapes(rank, world, tp, pp, config_name, init_file, failures):
-    """One rank of a gloo group: megatron-core 0.16.1 GPTModel (local spec, CPU) against the layout.
-    (Tied embeddings with pp > 1 are not built here: megatron syncs them across stages on CUDA.)"""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import torch.distributed as dist
+def _megatron_model(spec, layout, tp, pp, rms_eps=1e-6):
+    """megatron-core 0.16.1 GPTModel, local spec, built on the CPU for this rank."""
     import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
+    tc = TransformerConfig(num_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
+                           num_query_groups=spec.kv_heads, ffn_hidden_size=spec.ffn, kv_channels=spec.head_dim,
+                           use_cpu_initialization=True, normalization="RMSNorm", gated_linear_unit=True,
+                           activation_func=F.silu, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
+                           qk_layernorm=spec.qk_norm, pipeline_model_parallel_size=pp, tensor_model_parallel_size=tp,
+                           pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+                           layernorm_epsilon=rms_eps)
+    return GPTModel(tc, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm),
+                    vocab_size=layout.padded_vocab, max_sequence_length=64,
+                    share_embeddings_and_output_weights=spec.tied, position_embedding_type="rope",
+                    pre_process=parallel_state.is_pipeline_first_stage(),
+                    post_process=parallel_state.is_pipeline_last_stage())
+
+
+def _megatron_worker(rank, world, tp, pp, config_name, forward, init_file, failures):
+    """One rank of a gloo group: megatron-core's GPTModel against the layout (names and shapes),
+    and with `forward`, HF weights sharded by the layout give the HF logits through megatron's
+    own forward. (Tied embeddings with pp > 1 are not built here: megatron syncs them on CUDA.)"""
+    import contextlib
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as megatron_random
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        spec = ModelSpec.from_hf_config(configs()[config_name])
+        config = configs()[config_name]
+        spec = ModelSpec.from_hf_config(config)
         layout = MegatronLayout(spec, tp, pp)
-        tc = TransformerConfig(num_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
-                               num_query_groups=spec.kv_heads, ffn_hidden_size=spec.ffn, kv_channels=spec.head_dim,
-                               use_cpu_initialization=True, normalization="RMSNorm", gated_linear_unit=True,
-                               activation_func=F.silu, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
-                               qk_layernorm=spec.qk_norm, pipeline_model_parallel_size=pp,
-                               tensor_model_parallel_size=tp, pipeline_dtype=torch.float32)
-        model = GPTModel(tc, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm),
-                         vocab_size=layout.padded_vocab, max_sequence_length=64,
-                         share_embeddings_and_output_weights=spec.tied, position_embedding_type="rope",
-                         pre_process=parallel_state.is_pipeline_first_stage(),
-                         post_process=parallel_state.is_pipeline_last_stage())
+        model = _megatron_model(spec, layout, tp, pp, config.rms_norm_eps)
         theirs = {n: tuple(p.shape) for n, p in model.named_parameters()}
         ours = {n: tuple(p.shape) for n, p in layout.params(rank).items()}
         if theirs != ours:
             failures.put(f"rank {rank}: megatron-core {sorted(theirs.items())} != layout {sorted(ours.items())}")
+        elif forward:
+            # megatron's forward asks for the CUDA device and forks a CUDA RNG for dropout: on this
+            # CPU-only machine the device is the CPU and the fork a no-op (dropout is 0)
+            torch.cuda.current_device = lambda: "cpu"
+            megatron_random.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+            sd = {k: v.detach() for k, v in hf_model(config).named_parameters()}
+            shards = layout.shard(sd)[rank]
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(shards[n])
+            ids = INPUT % spec.vocab
+            T = ids.shape[1]
+            model.eval()
+            with torch.no_grad():
+                logits = model(ids, torch.arange(T)[None], torch.triu(torch.ones(1, 1, T, T, dtype=torch.bool), 1))
+                parts = [torch.empty_like(logits) for _ in range(tp)]
+                dist.all_gather(parts, logits.contiguous())
+                logits = torch.cat(parts, -1)[..., : spec.vocab]
+            torch.testing.assert_close(logits, _hf_logits(config, ids), rtol=1e-4, atol=1e-4)
     except Exception as e:  # reported to the parent, which fails the test
         failures.put(f"rank {rank}: {type(e).__name__}: {e}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("config_name,tp,pp", [("qwen2-bias", 1, 1), ("qwen2-bias", 2, 1), ("llama-gqa", 2, 2),
-                                               ("qwen3-qknorm", 2, 1), ("llama-mqa-tied", 1, 1)])
-def test_megatron_layout_equals_megatron_core(tmp_path, config_name, tp, pp):
+@pytest.mark.parametrize("config_name,tp,pp,forward", [
+    ("qwen2-bias", 1, 1, True), ("qwen2-bias", 2, 1, True), ("qwen3-qknorm", 2, 1, True), ("llama-mqa-tied", 1, 1, True),
+    ("llama-gqa", 2, 2, False),  # names and shapes per pipeline stage (a pipelined forward needs megatron's schedules)
+])
+def test_megatron_layout_equals_megatron_core(tmp_path, config_name, tp, pp, forward):
     import torch.multiprocessing as mp
 
     failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_megatron_names_and_shapes, args=(tp * pp, tp, pp, config_name, str(tmp_path / "init"), failures),
+    mp.start_processes(_megatron_worker, args=(tp * pp, tp, pp, config_name, forward, str(tmp_path / "init"), failures),
                        nprocs=tp * pp, start_method="spawn")
     errors = []
     while not failures.empty():
