@@ -136,8 +136,8 @@ def test_bad_layouts_are_refused(model):
         MegatronLayout(spec, spec.kv_heads * 2 + 1, 1)
     with pytest.raises(ValueError, match="must divide the layers"):
         MegatronLayout(spec, 1, 3)
-    with pytest.raises(ValueError, match="colocated needs a source process"):
-        plan_reshard(MegatronLayout(spec, 1, 1), VLLMLayout(spec, 2), colocated=True)
+    with pytest.raises(ValueError, match="different models"):
+        plan_reshard(MegatronLayout(spec, 1, 1), VLLMLayout(ModelSpec(**{**spec.__dict__, "layers": 4}), 1))
 
 
 # ----------------------------------------------------------------------------- megatron-core itself
@@ -265,6 +265,8 @@ def _executor_worker(process, world, init_file, name, a, b, c, bucket_bytes, col
     ("llama-gqa", 2, 1, 4, 4096, False),  # buckets far smaller than the largest tensor
     ("qwen2-bias", 2, 2, 2, 20000, False),
     ("qwen3-qknorm", 4, 1, 2, 1 << 16, True),  # colocated: destination i shares source i's process
+    ("llama-gqa", 1, 1, 4, 1 << 14, True),  # colocated, more destinations than sources: KV replicated
+    ("llama-gqa", 2, 1, 8, 1 << 15, False),  # 10 processes
 ])
 def test_executor_megatron_to_vllm(tmp_path, name, a, b, c, bucket_bytes, colocated):
     import torch.multiprocessing as mp

@@ -142,11 +142,11 @@ def _overlap(intervals, start, stop):
 
 
 def plan_reshard(src_layout, dst_layout, *, colocated=False, dtype=torch.bfloat16):
-    """The plan moving src_layout's shards into dst_layout's (pure computation)."""
+    """The plan moving src_layout's shards into dst_layout's (pure computation). Processes: source
+    rank r is process r; destination rank i is process src.world + i, or process i when
+    colocated (processes past the source world then hold a destination rank only)."""
     if src_layout.spec != dst_layout.spec:
         raise ValueError("source and destination layouts describe different models")
-    if colocated and dst_layout.world > src_layout.world:
-        raise ValueError("colocated needs a source process for every destination rank")
     shapes = src_layout.spec.hf_shapes()
     index = collections.defaultdict(list)  # (hf, axis) -> [(src_rank, name, piece)]
     for r in range(src_layout.world):
