@@ -8,7 +8,7 @@ DEPS := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark ninja pybind11
         verl==0.9.1 trl==1.16.0 megatron-core==0.16.1
 BENCH_ARGS ?=
 
-.PHONY: deps build test bench info cuda-check cuda-build-check gpu-check clean
+.PHONY: deps build test test-vllm bench info cuda-check cuda-build-check gpu-check clean
 
 $(BIN)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,18 @@ info: build
 cuda-check:
 	cmake -S . -B build/cuda-check -DCMAKE_CUDA_COMPILER=$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc
 	cmake --build build/cuda-check
+
+# The vLLM tier: VLLMLayout and the Resharder against the real vLLM 0.33 (its own venv: vLLM pins
+# another torch; about 4 minutes and 9 GB the first time). The pure-Python rlhfkern.reshard is
+# used from the source tree (the compiled core is not needed there).
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet vllm==0.33.0 pytest
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	RLHFKERN_TEST_VLLM=1 PYTHONPATH=$(CURDIR) $(VLLM_VENV)/bin/python -m pytest tests/vllm -q -p no:cacheprovider
 
 # The full CUDA build of rlhfkern._C without a GPU: a throwaway venv with the CUDA torch wheel
 # (about 5.5 GB), the extension built from a copy of the tracked files; nothing runs. Not part

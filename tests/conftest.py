@@ -13,6 +13,9 @@ import pytest  # noqa: E402
 
 GPU = torch.cuda.is_available()
 
+# tests/vllm runs in its own venv with vLLM (`make test-vllm`): vLLM pins another torch
+collect_ignore = [] if os.environ.get("RLHFKERN_TEST_VLLM") == "1" else ["vllm"]
+
 
 def compiled_backends():
     """(backend, device) pairs every compiled backend is tested on. No GPU here: the C++ CPU
