@@ -27,6 +27,9 @@ TORCH_LIBRARY(rlhfkern, m) {
         "float temperature, Tensor? g_sum) -> Tensor");
   m.def("logprobs_bwd_(Tensor grad_lp, Tensor? grad_ent, Tensor(a!) logits, Tensor labels, Tensor stats, "
         "float temperature, Tensor? g_sum) -> ()");
+  // Resharding (rlhfkern/reshard/executor.py): a bucket's segments to and from one flat buffer.
+  m.def("pack_segments(Tensor[] segments, Tensor(a!) out) -> ()");
+  m.def("unpack_segments(Tensor buffer, Tensor(a!)[] segments) -> ()");
   m.def("kl_penalty_fwd(Tensor log_prob, Tensor ref_log_prob, int kl_code) -> (Tensor, Tensor)");
 }
 

@@ -410,3 +410,24 @@ def test_vllm_layout_tp_forward_gives_hf_logits(tmp_path, name, tp):
     while not failures.empty():
         errors.append(failures.get())
     assert not errors, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_pack_unpack_segments(dtype):
+    """The executor's bucket copy (C++ on the CPU): row ranges, column ranges and 1-D segments of
+    live tensors, into one flat buffer and back, in place."""
+    from rlhfkern.reshard.executor import pack, unpack
+
+    a, b, c = (torch.randn(s).to(dtype) for s in ((7, 5), (4, 9), (11,)))
+    segments = [a.narrow(0, 2, 3), b.narrow(1, 3, 4), c.narrow(0, 1, 6), a.narrow(1, 0, 1)]
+    out = torch.empty(sum(s.numel() for s in segments), dtype=dtype)
+    pack(segments, out)
+    assert torch.equal(out, torch.cat([s.reshape(-1) for s in segments]))
+    targets = [torch.zeros(7, 5, dtype=dtype), torch.zeros(4, 9, dtype=dtype), torch.zeros(11, dtype=dtype)]
+    views = [targets[0].narrow(0, 2, 3), targets[1].narrow(1, 3, 4), targets[2].narrow(0, 1, 6), targets[0].narrow(1, 0, 1)]
+    unpack(out, views)
+    for v, s in zip(views, segments):
+        assert torch.equal(v, s)
+    assert targets[0][0, 1:].eq(0).all() and targets[1][:, :3].eq(0).all()  # nothing else written
+    with pytest.raises(RuntimeError, match="one element per segment element"):
+        pack(segments, out[:-1])

@@ -27,6 +27,32 @@ class _Segment:
     per_index: int
 
 
+def _compiled(tensor):
+    """The C++ pack/unpack of rlhfkern._C serves CPU tensors; elsewhere torch copies per segment."""
+    from .. import _dispatch
+
+    return tensor.device.type == "cpu" and _dispatch.extension() is not None
+
+
+def pack(segments, out):
+    """The segments' elements, one after the other, into the flat `out` (one call per bucket)."""
+    if _compiled(out):
+        torch.ops.rlhfkern.pack_segments(segments, out)
+    else:
+        torch.cat([s.reshape(-1) for s in segments], out=out)
+
+
+def unpack(buffer, segments):
+    """The inverse of `pack`: writes into the segments (views of the live tensors) in place."""
+    if _compiled(buffer):
+        torch.ops.rlhfkern.unpack_segments(buffer, segments)
+    else:
+        at = 0
+        for s in segments:
+            s.copy_(buffer[at:at + s.numel()].view(s.shape))
+            at += s.numel()
+
+
 class Resharder:
     def __init__(self, plan, *, bucket_bytes=64 << 20, group=None):
         if bucket_bytes < 1:
@@ -106,27 +132,23 @@ class Resharder:
         like = next(iter(next(iter({**src_tensors, **dst_tensors}.values())).values()), None)
         device = like.device if like is not None else torch.device("cpu")
         for messages in self.rounds:
-            ops, unpack, held = [], None, 0
+            ops, received, held = [], None, 0
             for sender, receiver, bucket in messages:
                 n = sum(seg.length * seg.per_index for _, _, seg in bucket)
                 if sender == me:
-                    buf = torch.cat([self._view(src_tensors[s][seg.src_name], seg, seg.src_offset).reshape(-1)
-                                     for s, _, seg in bucket])
+                    buf = torch.empty(n, dtype=self.plan.dtype, device=device)
+                    pack([self._view(src_tensors[s][seg.src_name], seg, seg.src_offset) for s, _, seg in bucket], buf)
                     ops.append(dist.isend(buf, receiver, group=self.group))
                     held += buf.numel() * self.itemsize
                 if receiver == me:
                     buf = torch.empty(n, dtype=self.plan.dtype, device=device)
                     ops.append(dist.irecv(buf, sender, group=self.group))
-                    unpack = (buf, bucket)
+                    received = (buf, bucket)
                     held += n * self.itemsize
             self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
             for op in ops:
                 op.wait()
-            if unpack is not None:
-                buf, bucket = unpack
-                at = 0
-                for _, d, seg in bucket:
-                    view = self._view(dst_tensors[d][seg.dst_name], seg, seg.dst_offset)
-                    view.copy_(buf[at:at + view.numel()].view(view.shape))
-                    at += view.numel()
+            if received is not None:
+                buf, bucket = received
+                unpack(buf, [self._view(dst_tensors[d][seg.dst_name], seg, seg.dst_offset) for _, d, seg in bucket])
         return dst_tensors
