@@ -28,7 +28,8 @@ class _Segment:
 
 
 def _compiled(tensor):
-    """The C++ pack/unpack of rlhfkern._C serves CPU tensors; elsewhere torch copies per segment."""
+    """The C++ pack/unpack of rlhfkern._C serves CPU tensors; on GPUs torch.cat's batched copy
+    packs and torch._foreach_copy_ (one multi-tensor launch) unpacks."""
     from .. import _dispatch
 
     return tensor.device.type == "cpu" and _dispatch.extension() is not None
@@ -47,10 +48,8 @@ def unpack(buffer, segments):
     if _compiled(buffer):
         torch.ops.rlhfkern.unpack_segments(buffer, segments)
     else:
-        at = 0
-        for s in segments:
-            s.copy_(buffer[at:at + s.numel()].view(s.shape))
-            at += s.numel()
+        parts = buffer.split([s.numel() for s in segments])
+        torch._foreach_copy_(list(segments), [p.view(s.shape) for p, s in zip(parts, segments)])
 
 
 class Resharder:
@@ -138,16 +137,16 @@ class Resharder:
                 if sender == me:
                     buf = torch.empty(n, dtype=self.plan.dtype, device=device)
                     pack([self._view(src_tensors[s][seg.src_name], seg, seg.src_offset) for s, _, seg in bucket], buf)
-                    ops.append(dist.isend(buf, receiver, group=self.group))
+                    ops.append(dist.P2POp(dist.isend, buf, receiver, group=self.group))
                     held += buf.numel() * self.itemsize
                 if receiver == me:
                     buf = torch.empty(n, dtype=self.plan.dtype, device=device)
-                    ops.append(dist.irecv(buf, sender, group=self.group))
+                    ops.append(dist.P2POp(dist.irecv, buf, sender, group=self.group))
                     received = (buf, bucket)
                     held += n * self.itemsize
             self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
-            for op in ops:
-                op.wait()
+            for request in dist.batch_isend_irecv(ops) if ops else []:  # grouped: safe with NCCL too
+                request.wait()
             if received is not None:
                 buf, bucket = received
                 unpack(buf, [self._view(dst_tensors[d][seg.dst_name], seg, seg.dst_offset) for _, d, seg in bucket])
