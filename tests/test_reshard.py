@@ -434,5 +434,7 @@ def test_pack_unpack_segments(monkeypatch, dtype, compiled):
     for v, s in zip(views, segments):
         assert torch.equal(v, s)
     assert targets[0][0, 1:].eq(0).all() and targets[1][:, :3].eq(0).all()  # nothing else written
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="one element per segment element"):
         pack(segments, out[:-1])
+    with pytest.raises(ValueError, match="one element per segment element"):
+        unpack(out[1:], views)

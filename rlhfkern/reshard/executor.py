@@ -35,8 +35,14 @@ def _compiled(tensor):
     return tensor.device.type == "cpu" and _dispatch.extension() is not None
 
 
+def _check_buffer(segments, buffer):
+    if buffer.dim() != 1 or buffer.numel() != sum(s.numel() for s in segments):
+        raise ValueError(f"the buffer must be flat with one element per segment element, got {tuple(buffer.shape)}")
+
+
 def pack(segments, out):
     """The segments' elements, one after the other, into the flat `out` (one call per bucket)."""
+    _check_buffer(segments, out)
     if _compiled(out):
         torch.ops.rlhfkern.pack_segments(segments, out)
     else:
@@ -45,6 +51,7 @@ def pack(segments, out):
 
 def unpack(buffer, segments):
     """The inverse of `pack`: writes into the segments (views of the live tensors) in place."""
+    _check_buffer(segments, buffer)
     if _compiled(buffer):
         torch.ops.rlhfkern.unpack_segments(buffer, segments)
     else:
