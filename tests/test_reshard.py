@@ -247,7 +247,7 @@ def _executor_worker(process, world, init_file, name, a, b, c, bucket_bytes, col
         if 0 <= dst_rank < dst.world:  # live parameters with garbage in them, written in place
             mine_dst = {dst_rank: {n: torch.full_like(t, float("nan")) for n, t in expected[dst_rank].items()}}
         live = {r: dict(p) for r, p in mine_dst.items()}
-        resharder = Resharder(plan, bucket_bytes=bucket_bytes)
+        resharder = Resharder(plan, bucket_bytes=bucket_bytes, checksums=(a, c) == (2, 4))
         resharder.run(mine_src, mine_dst)
         for r, params in mine_dst.items():
             for n, t in params.items():
@@ -438,3 +438,18 @@ def test_pack_unpack_segments(monkeypatch, dtype, compiled):
         pack(segments, out[:-1])
     with pytest.raises(ValueError, match="one element per segment element"):
         unpack(out[1:], views)
+
+
+def test_checksum_catches_changed_lost_and_swapped_elements():
+    from rlhfkern.reshard.executor import checksum
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.randn(1000).to(dtype)
+        ref = checksum(x)
+        changed, swapped = x.clone(), x.clone()
+        changed[500] = -changed[500]
+        swapped[[3, 7]] = swapped[[7, 3]]
+        assert torch.equal(checksum(x.clone()), ref)
+        assert not torch.equal(checksum(changed), ref)
+        assert not torch.equal(checksum(swapped), ref)
+        assert not torch.equal(checksum(torch.cat([x[:-1], x[:1] * 0])), ref)

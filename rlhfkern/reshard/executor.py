@@ -59,11 +59,22 @@ def unpack(buffer, segments):
         torch._foreach_copy_(list(segments), [p.view(s.shape) for p, s in zip(parts, segments)])
 
 
+def checksum(buffer):
+    """A position-weighted sum of the buffer's raw bits (int64, wrapping): any changed, lost or
+    swapped element changes it (barring a 2^-64 coincidence)."""
+    words = buffer.view(torch.uint8 if buffer.element_size() == 1 else
+                        {2: torch.int16, 4: torch.int32, 8: torch.int64}[buffer.element_size()]).to(torch.int64)
+    weights = torch.arange(1, words.numel() + 1, dtype=torch.int64, device=words.device) * 0x9E3779B1
+    return torch.stack([(words * weights).sum(), words.sum()])
+
+
 class Resharder:
-    def __init__(self, plan, *, bucket_bytes=64 << 20, group=None):
+    def __init__(self, plan, *, bucket_bytes=64 << 20, group=None, checksums=False):
+        """checksums: every bucket travels with a checksum of its bytes, recomputed on arrival; a
+        mismatch raises (corruption in transit) before anything is written."""
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-        self.plan, self.bucket_bytes, self.group = plan, int(bucket_bytes), group
+        self.plan, self.bucket_bytes, self.group, self.checksums = plan, int(bucket_bytes), group, checksums
         self.itemsize = torch.empty((), dtype=plan.dtype).element_size()
         self.local, self.rounds = self._schedule()
         self.peak_buffer_bytes = 0  # the most bucket memory one run held at once, on this process
@@ -145,16 +156,23 @@ class Resharder:
                     buf = torch.empty(n, dtype=self.plan.dtype, device=device)
                     pack([self._view(src_tensors[s][seg.src_name], seg, seg.src_offset) for s, _, seg in bucket], buf)
                     ops.append(dist.P2POp(dist.isend, buf, receiver, group=self.group))
+                    if self.checksums:
+                        ops.append(dist.P2POp(dist.isend, checksum(buf), receiver, group=self.group))
                     held += buf.numel() * self.itemsize
                 if receiver == me:
                     buf = torch.empty(n, dtype=self.plan.dtype, device=device)
                     ops.append(dist.P2POp(dist.irecv, buf, sender, group=self.group))
-                    received = (buf, bucket)
+                    expected = torch.empty(2, dtype=torch.int64, device=device) if self.checksums else None
+                    if self.checksums:
+                        ops.append(dist.P2POp(dist.irecv, expected, sender, group=self.group))
+                    received = (sender, buf, bucket, expected)
                     held += n * self.itemsize
             self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
             for request in dist.batch_isend_irecv(ops) if ops else []:  # grouped: safe with NCCL too
                 request.wait()
             if received is not None:
-                buf, bucket = received
+                sender, buf, bucket, expected = received
+                if expected is not None and not torch.equal(checksum(buf), expected):
+                    raise RuntimeError(f"a bucket from process {sender} arrived corrupted (checksum mismatch)")
                 unpack(buf, [self._view(dst_tensors[d][seg.dst_name], seg, seg.dst_offset) for _, d, seg in bucket])
         return dst_tensors
