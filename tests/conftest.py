@@ -9,6 +9,8 @@ import torch
 assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could configure it"
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -59,3 +61,32 @@ def openrlhf_losses():
     loss = importlib.import_module(package.__name__ + ".loss")
     utils = importlib.import_module(package.__name__ + ".utils")
     return loss, utils
+
+
+@contextlib.contextmanager
+def gloo_process(rank, world, init_file, failures):
+    """One rank of a gloo group in a spawned test worker; an error is reported to the parent
+    through `failures` (see run_processes), which fails the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+    except Exception as e:
+        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_processes(worker, world, tmp_path, *args):
+    """Runs worker(rank, world, init_file, failures, *args) in `world` spawned processes and fails
+    with every rank's reported error."""
+    import torch.multiprocessing as mp
+
+    failures = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(worker, args=(world, str(tmp_path / "init"), failures) + args, nprocs=world,
+                       start_method="spawn")
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert not errors, errors

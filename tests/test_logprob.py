@@ -11,7 +11,7 @@ from rlhfkern.compat import trl as compat_trl
 from rlhfkern.compat import verl as compat_verl
 from rlhfkern.ops.logprob import logprobs_reference
 
-from conftest import compiled_backends, openrlhf_losses
+from conftest import compiled_backends, gloo_process, openrlhf_losses, run_processes
 
 VOCABS = [1, 7, 32000, 50257, 151936]
 
@@ -245,29 +245,14 @@ def test_bad_input_names_the_argument():
 
 
 # ----------------------------------------------------------------------------- vocab-parallel
-def _tp_main(rank, world, init_file, check, failures):
+def _tp_main(rank, world, init_file, failures, check):
     """One rank of a gloo group: runs the module-level function `check(rank, world, backends)`."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_process(rank, world, init_file, failures):
         globals()[check](rank, world, [b for b, d in compiled_backends() if d == "cpu"])  # gloo: CPU tensors
-    except Exception as e:  # reported to the parent, which fails the test
-        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
-    finally:
-        dist.destroy_process_group()
 
 
 def run_tp(tmp_path, world, check):
-    import torch.multiprocessing as mp
-
-    failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_tp_main, args=(world, str(tmp_path / "init"), check, failures), nprocs=world,
-                       start_method="spawn")
-    errors = []
-    while not failures.empty():
-        errors.append(failures.get())
-    assert not errors, errors
+    run_processes(_tp_main, world, tmp_path, check)
 
 
 def _tp_check_logprobs(rank, world, backends):

@@ -7,6 +7,8 @@ import torch
 
 from rlhfkern.reshard import HFLayout, MegatronLayout, ModelSpec, VLLMLayout, apply, plan_reshard
 
+from conftest import gloo_process, run_processes
+
 
 def configs():
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
@@ -163,7 +165,7 @@ def _megatron_model(spec, layout, tp, pp, rms_eps=1e-6):
                     post_process=parallel_state.is_pipeline_last_stage())
 
 
-def _megatron_worker(rank, world, tp, pp, config_name, forward, init_file, failures):
+def _megatron_worker(rank, world, init_file, failures, tp, pp, config_name, forward):
     """One rank of a gloo group: megatron-core's GPTModel against the layout (names and shapes),
     and with `forward`, HF weights sharded by the layout give the HF logits through megatron's
     own forward. (Tied embeddings with pp > 1 are not built here: megatron syncs them on CUDA.)"""
@@ -175,8 +177,7 @@ def _megatron_worker(rank, world, tp, pp, config_name, forward, init_file, failu
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as megatron_random
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_process(rank, world, init_file, failures):
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         config = configs()[config_name]
         spec = ModelSpec.from_hf_config(config)
@@ -205,10 +206,6 @@ def _megatron_worker(rank, world, tp, pp, config_name, forward, init_file, failu
                 dist.all_gather(parts, logits.contiguous())
                 logits = torch.cat(parts, -1)[..., : spec.vocab]
             torch.testing.assert_close(logits, _hf_logits(config, ids), rtol=1e-4, atol=1e-4)
-    except Exception as e:  # reported to the parent, which fails the test
-        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("config_name,tp,pp,forward", [
@@ -216,25 +213,14 @@ def _megatron_worker(rank, world, tp, pp, config_name, forward, init_file, failu
     ("llama-gqa", 2, 2, False),  # names and shapes per pipeline stage (a pipelined forward needs megatron's schedules)
 ])
 def test_megatron_layout_equals_megatron_core(tmp_path, config_name, tp, pp, forward):
-    import torch.multiprocessing as mp
-
-    failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_megatron_worker, args=(tp * pp, tp, pp, config_name, forward, str(tmp_path / "init"), failures),
-                       nprocs=tp * pp, start_method="spawn")
-    errors = []
-    while not failures.empty():
-        errors.append(failures.get())
-    assert not errors, errors
+    run_processes(_megatron_worker, tp * pp, tmp_path, tp, pp, config_name, forward)
 
 
 # ----------------------------------------------------------------------------- executor, real processes
-def _executor_worker(process, world, init_file, name, a, b, c, bucket_bytes, colocated, failures):
-    import torch.distributed as dist
-
+def _executor_worker(process, world, init_file, failures, name, a, b, c, bucket_bytes, colocated):
     from rlhfkern.reshard import Resharder
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=process, world_size=world)
-    try:
+    with gloo_process(process, world, init_file, failures):
         config = configs()[name]
         spec = ModelSpec.from_hf_config(config)
         sd = {k: v.detach() for k, v in hf_model(config).named_parameters()}  # the same weights everywhere
@@ -254,10 +240,6 @@ def _executor_worker(process, world, init_file, name, a, b, c, bucket_bytes, col
                 assert t is live[r][n]  # in place
                 assert torch.equal(t, expected[r][n]), (r, n)
         assert resharder.peak_buffer_bytes <= 2 * max(bucket_bytes, spec.hidden * 4), resharder.peak_buffer_bytes
-    except Exception as e:  # reported to the parent, which fails the test
-        failures.put(f"process {process}: {type(e).__name__}: {e}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name,a,b,c,bucket_bytes,colocated", [
@@ -269,16 +251,8 @@ def _executor_worker(process, world, init_file, name, a, b, c, bucket_bytes, col
     ("llama-gqa", 2, 1, 8, 1 << 15, False),  # 10 processes
 ])
 def test_executor_megatron_to_vllm(tmp_path, name, a, b, c, bucket_bytes, colocated):
-    import torch.multiprocessing as mp
-
     world = max(a * b, c) if colocated else a * b + c
-    failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_executor_worker, args=(world, str(tmp_path / "init"), name, a, b, c, bucket_bytes, colocated,
-                                               failures), nprocs=world, start_method="spawn")
-    errors = []
-    while not failures.empty():
-        errors.append(failures.get())
-    assert not errors, errors
+    run_processes(_executor_worker, world, tmp_path, name, a, b, c, bucket_bytes, colocated)
 
 
 def test_reshard_command_prints_the_plan(tmp_path):
@@ -366,11 +340,10 @@ def test_vllm_layout_tp1_forward_gives_hf_logits(name):
     torch.testing.assert_close(logits, _hf_logits(config, ids), rtol=1e-4, atol=1e-4)
 
 
-def _vllm_forward_worker(rank, world, init_file, name, failures):
+def _vllm_forward_worker(rank, world, init_file, failures, name):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_process(rank, world, init_file, failures):
         config = configs()[name]
         spec = ModelSpec.from_hf_config(config)
         sd = {k: v.detach() for k, v in hf_model(config).named_parameters()}
@@ -392,24 +365,12 @@ def _vllm_forward_worker(rank, world, init_file, name, failures):
         with torch.no_grad():
             logits = vllm_layout_forward(config, spec, shards, rank, world, ids, all_reduce, all_gather)
         torch.testing.assert_close(logits, _hf_logits(config, ids), rtol=1e-4, atol=1e-4)
-    except Exception as e:  # reported to the parent, which fails the test
-        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name,tp", [("llama-gqa", 2), ("llama-gqa", 4), ("llama-mqa-tied", 4), ("qwen2-bias", 2)])
 def test_vllm_layout_tp_forward_gives_hf_logits(tmp_path, name, tp):
     """tp 4 with 2 (and 1) KV heads: every KV head replicated on several ranks."""
-    import torch.multiprocessing as mp
-
-    failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_vllm_forward_worker, args=(tp, str(tmp_path / "init"), name, failures), nprocs=tp,
-                       start_method="spawn")
-    errors = []
-    while not failures.empty():
-        errors.append(failures.get())
-    assert not errors, errors
+    run_processes(_vllm_forward_worker, tp, tmp_path, name)
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["cpp", "torch"])
