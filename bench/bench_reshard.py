@@ -4,8 +4,6 @@ rlhfkern's planned resharding against what frameworks do today (every full tenso
 sent to every inference rank, which slices its part), in the same run: time per sync, and the
 bytes each destination receives against the least it must."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist

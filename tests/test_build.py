@@ -4,7 +4,6 @@ runs without a GPU), and `python -m rlhfkern info` reports what was built."""
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 

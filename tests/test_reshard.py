@@ -280,7 +280,7 @@ def vllm_layout_forward(config, spec, shards, rank, tp, input_ids, all_reduce, a
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     w = shards[rank]
-    H, hd, eps = spec.hidden, spec.head_dim, config.rms_norm_eps
+    hd, eps = spec.head_dim, config.rms_norm_eps
     rows = w["model.embed_tokens.weight"].shape[0]
     lo = rank * rows
     ids = input_ids[0]
@@ -294,8 +294,7 @@ def vllm_layout_forward(config, spec, shards, rank, tp, input_ids, all_reduce, a
         return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * weight
 
     nq = spec.heads // tp
-    nkv = w["model.layers.0.self_attn.qkv_proj.weight"].shape[0] // hd - nq
-    nkv //= 2
+    nkv = (w["model.layers.0.self_attn.qkv_proj.weight"].shape[0] // hd - nq) // 2  # this rank's KV heads
     k0 = rank * spec.kv_heads // tp if tp <= spec.kv_heads else rank // (tp // spec.kv_heads)
     for i in range(spec.layers):
         p = f"model.layers.{i}."

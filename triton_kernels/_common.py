@@ -1,8 +1,14 @@
 """Helpers shared by the Triton kernels of every family."""
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
+
+
+def acc_dtype(x):
+    """Accumulation/output dtype of a kernel on tensor x: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def split_float(x):

@@ -9,7 +9,7 @@ backward is elementwise over (row, tile) and may write into the logits themselve
 import triton
 import triton.language as tl
 
-from ._common import join_float, split_float
+from ._common import acc_dtype, join_float, split_float
 
 
 @triton.jit
@@ -72,19 +72,13 @@ def _logprob_bwd_kernel(
     tl.store(out_ptr + row * stride_out + v, (dz / temp).to(out_ptr.dtype.element_ty), mask=inb)
 
 
-def _acc(x):
-    import torch
-
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def logprobs_fwd(logits, labels, temperature, entropy, block_v=4096):
     """(log-probs [N, K], entropy [N] or [0], stats [N, 2] = (lse, E_p[z]))."""
     import torch
 
     N, V = logits.shape
     K = labels.shape[1]
-    acc = _acc(logits)
+    acc = acc_dtype(logits)
     lp = torch.empty((N, K), dtype=acc, device=logits.device)
     ent = torch.empty((N if entropy else 0,), dtype=acc, device=logits.device)
     stats = torch.empty((N, 2), dtype=acc, device=logits.device)

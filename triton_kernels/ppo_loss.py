@@ -10,7 +10,7 @@ per-token terms from the inputs and writes d log_prob.
 import triton
 import triton.language as tl
 
-from ._common import join_float, split_float
+from ._common import acc_dtype, join_float, split_float
 
 N_COLUMNS = 7
 
@@ -251,7 +251,7 @@ def actor_loss_fwd(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_
     import torch
 
     B, T = lp.shape
-    out = torch.empty((B, triton.cdiv(T, _block(T)), N_COLUMNS), dtype=_acc(lp), device=lp.device)
+    out = torch.empty((B, triton.cdiv(T, _block(T)), N_COLUMNS), dtype=acc_dtype(lp), device=lp.device)
     _launch_actor(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_high, clip_c, kl_code, out=out)
     return out.sum(1)
 
@@ -261,19 +261,13 @@ def actor_loss_bwd(coeffs, w, lp, old, adv, mask, is_weights, ref, clip_low, cli
     weights w; d entropy is empty unless entropy_grad."""
     import torch
 
-    acc = _acc(lp)
+    acc = acc_dtype(lp)
     grad = torch.empty(lp.shape, dtype=acc, device=lp.device)
     grad_ent = torch.empty(lp.shape if entropy_grad else (0,), dtype=acc, device=lp.device)
     _launch_actor(lp, old, adv, mask, is_weights, None, ref, clip_low, clip_high, clip_c, kl_code, out=grad,
                   coeffs=coeffs.to(acc).contiguous(), w=w.contiguous(), grad=grad,
                   grad_ent=grad_ent if entropy_grad else None)
     return grad, grad_ent
-
-
-def _acc(x):
-    import torch
-
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def value_loss_fwd(v, ret, old, mask, clip):
@@ -283,7 +277,7 @@ def value_loss_fwd(v, ret, old, mask, clip):
     B, T = v.shape
     BLOCK_T = _block(T)
     n_blk = triton.cdiv(T, BLOCK_T)
-    out = torch.empty((B, n_blk, 3), dtype=_acc(v), device=v.device)
+    out = torch.empty((B, n_blk, 3), dtype=acc_dtype(v), device=v.device)
     _value_kernel[(B, n_blk)](v, ret, old, mask, out, out, out, out, T, v.stride(0), ret.stride(0),
                               old.stride(0), mask.stride(0), *split_float(clip), BACKWARD=False, BLOCK_T=BLOCK_T)
     return out.sum(1)
@@ -295,7 +289,7 @@ def value_loss_bwd(coeff, w, v, ret, old, mask, clip):
 
     B, T = v.shape
     BLOCK_T = _block(T)
-    grad = torch.empty((B, T), dtype=_acc(v), device=v.device)
+    grad = torch.empty((B, T), dtype=acc_dtype(v), device=v.device)
     _value_kernel[(B, triton.cdiv(T, BLOCK_T))](
         v, ret, old, mask, grad, w.contiguous(), coeff.to(grad.dtype).contiguous(), grad, T, v.stride(0),
         ret.stride(0), old.stride(0), mask.stride(0), *split_float(clip), BACKWARD=True, BLOCK_T=BLOCK_T)
@@ -308,7 +302,7 @@ def kl_penalty_fwd(lp, ref, kl_code):
 
     B, T = lp.shape
     BLOCK_T = _block(T)
-    kl = torch.empty((B, T), dtype=_acc(lp), device=lp.device)
+    kl = torch.empty((B, T), dtype=acc_dtype(lp), device=lp.device)
     dkl = torch.empty_like(kl)
     _kl_kernel[(B, triton.cdiv(T, BLOCK_T))](lp, ref, kl, dkl, T, lp.stride(0), ref.stride(0),
                                              KL_BASE=kl_code & 3, KL_STRAIGHT=bool(kl_code & 4), BLOCK_T=BLOCK_T)

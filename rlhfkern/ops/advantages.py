@@ -26,13 +26,10 @@ import torch
 
 from .. import _dispatch
 from . import gae as _gae
+from ._common import acc_dtype
 
 
 # ----------------------------------------------------------------------------- reference (spec)
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _groups(index):
     groups = {}
     for b, g in enumerate(index.tolist()):
@@ -51,7 +48,7 @@ def _group_scores_reference(scores, index, transform):
 
 
 def grpo_reference(token_level_rewards, mask, index, epsilon=1e-6, norm_by_std=True):
-    scores = token_level_rewards.to(_acc(token_level_rewards)).sum(-1)
+    scores = token_level_rewards.to(acc_dtype(token_level_rewards)).sum(-1)
 
     def transform(s, members):
         if len(members) == 1:
@@ -64,7 +61,7 @@ def grpo_reference(token_level_rewards, mask, index, epsilon=1e-6, norm_by_std=T
 
 
 def rloo_reference(token_level_rewards, mask, index):
-    scores = token_level_rewards.to(_acc(token_level_rewards)).sum(-1)
+    scores = token_level_rewards.to(acc_dtype(token_level_rewards)).sum(-1)
 
     def transform(s, members):
         n = len(members)
@@ -74,7 +71,7 @@ def rloo_reference(token_level_rewards, mask, index):
 
 
 def reinforce_pp_baseline_reference(token_level_rewards, mask, index):
-    scores = token_level_rewards.to(_acc(token_level_rewards)).sum(-1)
+    scores = token_level_rewards.to(acc_dtype(token_level_rewards)).sum(-1)
     centred = _group_scores_reference(scores, index, lambda s, members: s - (members.mean() if len(members) > 1 else 0))
     m = mask.to(scores.dtype)
     x = centred[:, None] * m
@@ -82,7 +79,7 @@ def reinforce_pp_baseline_reference(token_level_rewards, mask, index):
 
 
 def reinforce_pp_reference(token_level_rewards, mask, gamma=1.0):
-    acc = _acc(token_level_rewards)
+    acc = acc_dtype(token_level_rewards)
     r, m = token_level_rewards.to(acc), mask.to(acc)
     returns = torch.zeros_like(r)
     running = torch.zeros_like(r[:, 0])
@@ -109,7 +106,7 @@ def _group_stats(scores, index, with_std):
 
 
 def _scores(token_level_rewards):
-    return token_level_rewards.to(_acc(token_level_rewards)).sum(-1)
+    return token_level_rewards.to(acc_dtype(token_level_rewards)).sum(-1)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -181,7 +178,7 @@ def reinforce_pp_advantage(token_level_rewards, mask, gamma=1.0, *, backend=None
     which = _dispatch.resolve(backend, token_level_rewards.device)
     if which == "torch":
         return reinforce_pp_reference(token_level_rewards, mask, gamma)
-    r = token_level_rewards.to(_acc(token_level_rewards))
+    r = token_level_rewards.to(acc_dtype(token_level_rewards))
     m = mask.to(r.dtype)
     carried, _ = _gae.gae(r, torch.zeros_like(r), mask, gamma, 1.0, backend=which)  # g_t, carried over holes
     following = torch.nn.functional.pad(carried[:, 1:], (0, 1))  # g_{t+1}, 0 after the end

@@ -25,18 +25,15 @@ import numbers
 import torch
 
 from .. import _dispatch
+from ._common import acc_dtype, rows2d
 
 WHITEN_EPS = 1e-8
 
 
 # ----------------------------------------------------------------------------- reference (spec)
-def _acc_dtype(*dtypes):
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def gae_reference(rewards, values, mask, gamma=1.0, lam=1.0):
     """The spec: the reverse loop above, in the accumulation dtype."""
-    acc = _acc_dtype(rewards.dtype, values.dtype)
+    acc = acc_dtype(rewards.dtype, values.dtype)
     r, v, m = rewards.to(acc), values.to(acc), mask.to(acc)
     B, T = r.shape
     nv = torch.zeros(B, dtype=acc, device=r.device)
@@ -53,7 +50,7 @@ def gae_reference(rewards, values, mask, gamma=1.0, lam=1.0):
 
 def masked_whiten_reference(values, mask, shift_mean=True):
     """The spec of masked_whiten, statistics in float64."""
-    acc = _acc_dtype(values.dtype)
+    acc = acc_dtype(values.dtype)
     x, m = values.double(), mask.double()
     on = m != 0
     n = m.sum()
@@ -72,23 +69,23 @@ def _gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton_kernels import gae as kernels
 
-    return kernels.gae(rewards, values, mask, gamma, lam, _acc_dtype(rewards.dtype))
+    return kernels.gae(rewards, values, mask, gamma, lam, acc_dtype(rewards.dtype))
 
 
 @torch.library.custom_op("rlhfkern::masked_whiten_triton", mutates_args=())
 def _masked_whiten_triton(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
     from ..triton_kernels import gae as kernels
 
-    return kernels.masked_whiten(values, mask, shift_mean, _acc_dtype(values.dtype), eps=WHITEN_EPS)
+    return kernels.masked_whiten(values, mask, shift_mean, acc_dtype(values.dtype), eps=WHITEN_EPS)
 
 
 def _gae_fake(rewards, values, mask, gamma, lam):
-    out = rewards.new_empty(rewards.shape, dtype=_acc_dtype(rewards.dtype))
+    out = rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards.dtype))
     return out, torch.empty_like(out)
 
 
 def _masked_whiten_fake(values, mask, shift_mean):
-    return values.new_empty(values.shape, dtype=_acc_dtype(values.dtype))
+    return values.new_empty(values.shape, dtype=acc_dtype(values.dtype))
 
 
 torch.library.register_fake("rlhfkern::gae_triton", _gae_fake)
@@ -129,11 +126,6 @@ def _check_unit(x, name):
     return float(x)
 
 
-def _rows(x):
-    """Unit stride along the last dim (what the kernels need), copying only if necessary."""
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
-
-
 # ----------------------------------------------------------------------------- public ops
 def gae(rewards, values, mask, gamma=1.0, lam=1.0, *, whiten=False, backend=None):
     """GAE advantages and returns, verl `compute_gae_advantage_return` semantics.
@@ -161,7 +153,8 @@ def gae(rewards, values, mask, gamma=1.0, lam=1.0, *, whiten=False, backend=None
     if which == "torch":
         adv, ret = gae_reference(rewards, values, mask, gamma, lam)
     else:
-        rewards, values, mask = _rows(rewards), _rows(values), _rows(mask)
+        T = rewards.shape[1]
+        rewards, values, mask = rows2d(rewards, T), rows2d(values, T), rows2d(mask, T)
         op = torch.ops.rlhfkern.gae_triton if which == "triton" else torch.ops.rlhfkern.gae
         adv, ret = op(rewards, values, mask, gamma, lam)
     if whiten:
@@ -188,7 +181,6 @@ def masked_whiten(values, mask, shift_mean=True, *, backend=None):
             return masked_whiten_reference(values, mask, shift_mean)
         which = "triton"
     shape = values.shape
-    x = _rows(values.reshape(-1, shape[-1]))
-    m = _rows(mask.reshape(-1, shape[-1]))
+    x, m = rows2d(values, shape[-1]), rows2d(mask, shape[-1])
     op = torch.ops.rlhfkern.masked_whiten_triton if which == "triton" else torch.ops.rlhfkern.masked_whiten
     return op(x, m, bool(shift_mean)).reshape(shape)

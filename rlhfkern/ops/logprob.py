@@ -19,21 +19,18 @@ import numbers
 import torch
 
 from .. import _dispatch
+from ._common import acc_dtype, rows2d
 
 IGNORE_INDEX = -100
 OP_BACKENDS = ("torch", "cpu", "triton")
 
 
 # ----------------------------------------------------------------------------- reference (spec)
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def logprobs_reference(logits, labels, temperature=1.0, return_entropy=False):
     """The spec, by composition: labels [...] (one per position) or [..., K]."""
     squeeze = labels.dim() == logits.dim() - 1
     lab = labels.unsqueeze(-1) if squeeze else labels
-    z = logits.to(_acc(logits)) / temperature
+    z = logits.to(acc_dtype(logits)) / temperature
     lse = torch.logsumexp(z, -1, keepdim=True)
     V = z.shape[-1]
     valid = (lab >= 0) & (lab < V)
@@ -74,7 +71,7 @@ def _logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
 
 @_logprobs_op.register_fake
 def _(logits, labels, temperature, entropy, inplace_backward, backend):
-    acc = _acc(logits)
+    acc = acc_dtype(logits)
     N = logits.shape[0]
     return (logits.new_empty(labels.shape, dtype=acc), logits.new_empty((N if entropy else 0,), dtype=acc),
             logits.new_empty((N, 2), dtype=acc))
@@ -234,16 +231,14 @@ def logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_b
         which = "cpu" if logits.device.type == "cpu" else "triton"  # the shard reduction needs a kernel
     if which == "torch":
         return logprobs_reference(logits, labels, temperature, return_entropy)
-    squeeze = labels.dim() == logits.dim() - 1
     V = logits.shape[-1]
-    x = logits.reshape(-1, V)
-    x = x if V <= 1 or x.stride(-1) == 1 else x.contiguous()
+    x = rows2d(logits, V)
     lab = labels.reshape(x.shape[0], -1).to(torch.int64).contiguous()
     if tp_group is not None:
         lp, ent = _VocabParallelLogprobs.apply(x, lab, float(temperature), bool(inplace_backward), which, tp_group)
     else:
         lp, ent, _ = _logprobs_op(x, lab, float(temperature), bool(return_entropy), bool(inplace_backward), which)
-    lp = lp.reshape(labels.shape) if squeeze else lp.reshape(labels.shape)
+    lp = lp.reshape(labels.shape)  # [...] or [..., K], as the labels
     if not return_entropy:
         return lp
     return lp, ent.reshape(logits.shape[:-1])
@@ -252,7 +247,7 @@ def logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_b
 # ----------------------------------------------------------------------------- fused with the LM head
 def linear_logprobs_reference(hidden, weight, labels, temperature=1.0, return_entropy=False, return_sum_p2=False):
     """The spec of linear_logprobs: materialised logits = hidden @ weight^T, then `logprobs`."""
-    acc = _acc(hidden)
+    acc = acc_dtype(hidden)
     logits = hidden.to(acc) @ weight.to(acc).T
     lp, ent = logprobs_reference(logits, labels, temperature, True)
     out = [lp] + ([ent] if return_entropy else [])
@@ -297,7 +292,7 @@ class _LinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, temperature, want_p2, backend, group):
         fwd = _kernels(backend)[0]
         N, shard = hidden.shape[0], weight.shape[0]
-        acc = _acc(hidden)
+        acc = acc_dtype(hidden)
         offset = 0 if group is None else torch.distributed.get_rank(group) * shard
         world = 1 if group is None else torch.distributed.get_world_size(group)
         m = torch.full((N,), float("-inf"), dtype=acc, device=hidden.device)
@@ -411,7 +406,6 @@ def linear_logprobs(hidden, weight, labels, *, temperature=1.0, return_entropy=F
         return linear_logprobs_reference(hidden, weight, labels, temperature, return_entropy, return_sum_p2)
     if which == "torch":
         which = "cpu" if hidden.device.type == "cpu" else "triton"  # the shard reduction needs a kernel
-    squeeze = labels.dim() == hidden.dim() - 1
     h = hidden.reshape(-1, hidden.shape[-1])
     lab = labels.reshape(h.shape[0], -1).to(torch.int64).contiguous()
     lp, ent, p2 = _LinearLogprobs.apply(h, weight, lab, float(temperature), bool(return_sum_p2), which, tp_group)

@@ -34,6 +34,7 @@ import numbers
 import torch
 
 from .. import _dispatch
+from ._common import acc_dtype, rows2d
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = {"kl": 0, "k1": 0, "abs": 1, "mse": 2, "k2": 2, "low_var_kl": 3, "k3": 3}
@@ -45,10 +46,6 @@ COLUMNS = ("count", "pg", "entropy", "kl", "clipped", "clipped_lower", "neg_log_
 
 
 # ----------------------------------------------------------------------------- reference (spec)
-def _acc(*tensors):
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def masked_sum_reference(x, mask, dim=None):
     on = mask != 0
     s = torch.where(on, x * mask, 0.0)
@@ -121,7 +118,7 @@ def actor_loss_reference(log_prob, old_log_prob, advantages, mask, *, entropy=No
                          clip_c=3.0, agg="token-mean", is_weights=None, dp_size=1, batch_num_tokens=None,
                          global_batch_size=None, loss_scale_factor=None):
     """The spec of `actor_loss` (and of `ppo_loss`: entropy and ref_log_prob None), by composition."""
-    acc = _acc(log_prob, old_log_prob, advantages, entropy, ref_log_prob, is_weights)
+    acc = acc_dtype(log_prob, old_log_prob, advantages, entropy, ref_log_prob, is_weights)
     lp, old, adv = log_prob.to(acc), old_log_prob.to(acc), advantages.to(acc)
     m = mask.to(acc)
     agg_args = dict(agg=agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
@@ -149,7 +146,7 @@ def actor_loss_reference(log_prob, old_log_prob, advantages, mask, *, entropy=No
 def value_loss_reference(vpreds, returns, old_values, mask, *, clip=0.5, agg="token-mean", dp_size=1,
                          batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
     """verl compute_value_loss: 0.5 agg(max((v - R)^2, (clip_by_value(v, V-c, V+c) - R)^2))."""
-    acc = _acc(vpreds, returns, old_values)
+    acc = acc_dtype(vpreds, returns, old_values)
     v, ret, old = vpreds.to(acc), returns.to(acc), old_values.to(acc)
     m = mask.to(acc)
     clipped_v = torch.max(torch.min(v, old + clip), old - clip)
@@ -278,7 +275,7 @@ def _actor_loss_op(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage
 def _(log_prob, old_log_prob, advantages, mask, is_weights, entropy, ref_log_prob, clip_low, clip_high,
       clip_c, kl_code, entropy_coeff, kl_coef, agg, dp_size, batch_num_tokens, global_batch_size,
       loss_scale_factor, backend):
-    acc = _acc(log_prob)
+    acc = acc_dtype(log_prob)
     return (log_prob.new_empty(4, dtype=acc), log_prob.new_empty(3, dtype=acc),
             log_prob.new_empty(log_prob.shape[0], dtype=acc))
 
@@ -301,7 +298,7 @@ def _actor_loss_backward_op(grad_losses: torch.Tensor, w: torch.Tensor, log_prob
 @_actor_loss_backward_op.register_fake
 def _(grad_losses, w, log_prob, old_log_prob, advantages, mask, is_weights, ref_log_prob, clip_low,
       clip_high, clip_c, kl_code, entropy_coeff, kl_coef, entropy_grad, backend):
-    acc = _acc(log_prob)
+    acc = acc_dtype(log_prob)
     return (log_prob.new_empty(log_prob.shape, dtype=acc),
             log_prob.new_empty(log_prob.shape if entropy_grad else (0,), dtype=acc))
 
@@ -360,9 +357,9 @@ def actor_loss(log_prob, old_log_prob, advantages, mask, *, entropy=None, ref_lo
             global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
     shape = log_prob.shape
     common = _common_dtype(log_prob, old_log_prob, advantages, is_weights, entropy, ref_log_prob)
-    rows = lambda x: None if x is None else _rows2d(x.to(common), shape)  # noqa: E731  autograd sees the cast
+    rows = lambda x: None if x is None else rows2d(x.to(common), shape[-1])  # noqa: E731  autograd sees the cast
     losses, metric_values, _ = _actor_loss_op(
-        rows(log_prob), rows(old_log_prob), rows(advantages), _rows2d(mask, shape), rows(is_weights), rows(entropy),
+        rows(log_prob), rows(old_log_prob), rows(advantages), rows2d(mask, shape[-1]), rows(is_weights), rows(entropy),
         rows(ref_log_prob), float(clip_low), float(clip_high), float(clip_c) if clip_c is not None else 0.0,
         kl_code[0] + 4 * int(kl_code[1]), entropy_coeff, kl_coef, agg, int(dp_size), batch_num_tokens,
         global_batch_size, loss_scale_factor, which)
@@ -385,12 +382,6 @@ def ppo_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, clip_hig
     return loss, {k: metrics[k] for k in ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")}
 
 
-def _rows2d(x, shape):
-    """[..., T] -> [rows, T] with unit stride along T (a copy only when needed)."""
-    x = x.reshape(-1, shape[-1]) if x.dim() != 2 else x
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
-
-
 # ----------------------------------------------------------------------------- value loss
 @torch.library.custom_op("rlhfkern::value_loss", mutates_args=())
 def _value_loss_op(vpreds: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor, mask: torch.Tensor,
@@ -409,7 +400,7 @@ def _value_loss_op(vpreds: torch.Tensor, returns: torch.Tensor, old_values: torc
 @_value_loss_op.register_fake
 def _(vpreds, returns, old_values, mask, clip, agg, dp_size, batch_num_tokens, global_batch_size,
       loss_scale_factor, backend):
-    acc = _acc(vpreds)
+    acc = acc_dtype(vpreds)
     return vpreds.new_empty(2, dtype=acc), vpreds.new_empty(vpreds.shape[0], dtype=acc)
 
 
@@ -423,7 +414,7 @@ def _value_loss_backward_op(grad_loss: torch.Tensor, w: torch.Tensor, vpreds: to
 
 @_value_loss_backward_op.register_fake
 def _(grad_loss, w, vpreds, returns, old_values, mask, clip, backend):
-    return vpreds.new_empty(vpreds.shape, dtype=_acc(vpreds))
+    return vpreds.new_empty(vpreds.shape, dtype=acc_dtype(vpreds))
 
 
 def _value_setup_context(ctx, inputs, output):
@@ -462,8 +453,8 @@ def value_loss(vpreds, returns, old_values, mask, *, clip=0.5, agg="token-mean",
                                     loss_scale_factor=loss_scale_factor)
     common = _common_dtype(vpreds, returns, old_values)
     shape = vpreds.shape
-    out, _ = _value_loss_op(_rows2d(vpreds.to(common), shape), _rows2d(returns.to(common), shape),
-                            _rows2d(old_values.to(common), shape), _rows2d(mask, shape), float(clip), agg,
+    out, _ = _value_loss_op(rows2d(vpreds.to(common), shape[-1]), rows2d(returns.to(common), shape[-1]),
+                            rows2d(old_values.to(common), shape[-1]), rows2d(mask, shape[-1]), float(clip), agg,
                             int(dp_size), batch_num_tokens, global_batch_size, loss_scale_factor, which)
     return out[0], out[1].detach()
 
@@ -478,7 +469,7 @@ def _kl_penalty_op(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kl_code: 
 
 @_kl_penalty_op.register_fake
 def _(log_prob, ref_log_prob, kl_code, backend):
-    acc = _acc(log_prob)
+    acc = acc_dtype(log_prob)
     return log_prob.new_empty(log_prob.shape, dtype=acc), log_prob.new_empty(log_prob.shape, dtype=acc)
 
 
@@ -506,11 +497,11 @@ def kl_penalty(log_prob, ref_log_prob, kind="low_var_kl", *, backend=None):
     base, straight = _parse_kl(kind)
     which = _dispatch.resolve(backend, log_prob.device, OP_BACKENDS)
     if which == "torch" or log_prob.numel() == 0:
-        acc = _acc(log_prob, ref_log_prob)
+        acc = acc_dtype(log_prob, ref_log_prob)
         return kl_penalty_reference(log_prob.to(acc), ref_log_prob.to(acc), kind)
     common = _common_dtype(log_prob, ref_log_prob)
     shape = log_prob.shape
-    flat = (lambda x: _rows2d(x.to(common), shape)) if log_prob.dim() > 0 else (lambda x: x.to(common).reshape(1, 1))
+    flat = (lambda x: rows2d(x.to(common), shape[-1])) if log_prob.dim() > 0 else (lambda x: x.to(common).reshape(1, 1))
     kl, _ = _kl_penalty_op(flat(log_prob), flat(ref_log_prob), base + 4 * int(straight), which)
     return kl.reshape(shape)
 
