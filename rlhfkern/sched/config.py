@@ -1,0 +1,386 @@
+"""The engine's YAML file -> typed, validated objects (pydantic).
+
+One file describes the models (policy trainer, rollout, reference, value, rewards), how they
+share devices (colocation groups), the algorithm and the run. Every error names its key path
+("models.policy.tp: ..."), and all of them are raised by `load_config` / `EngineConfig.check`
+before any actor starts. Units are in the key names (`_gib`, `_tokens`, `_sequences`,
+`_steps`) or stated in the field's description.
+"""
+
+import importlib
+import json
+import os
+from typing import Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
+
+ALGORITHMS_WITH_VALUE = ("ppo",)
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
+ROLES = ("policy", "rollout", "reference", "value")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: each line is `key.path: what is wrong`."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("invalid config:\n  " + "\n  ".join(f"{path}: {msg}" for path, msg in self.problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Strict):
+    """Where a model's architecture (and weights) come from: exactly one of the two."""
+
+    hf_config: dict | None = Field(None, description="a transformers config as a dict (needs model_type); "
+                                                      "weights are initialised from train.seed, no download")
+    path: str | None = Field(None, description="a local HF model folder (config.json and weights)")
+
+    @pydantic.model_validator(mode="after")
+    def _one(self):
+        if (self.hf_config is None) == (self.path is None):
+            raise ValueError("give exactly one of hf_config or path")
+        if self.hf_config is not None and "model_type" not in self.hf_config:
+            raise ValueError("hf_config needs a model_type (e.g. llama, qwen2)")
+        return self
+
+    def hf(self):
+        """The transformers config object."""
+        from transformers import AutoConfig
+
+        if self.path is not None:
+            return AutoConfig.from_pretrained(self.path)
+        cfg = dict(self.hf_config)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    grad_clip_norm: PositiveFloat | None = Field(1.0, description="max global L2 norm of the gradients; null: no clip")
+
+
+class ModelConfig(_Strict):
+    """One model: its source, backend and parallel shape. devices = tp * pp * dp."""
+
+    model: ModelSource | None = Field(None, description="null for rollout/reference/value: the policy's source")
+    backend: Literal["hf"] = Field("hf", description="hf: transformers model, torch DDP over dp")
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    dp: PositiveInt = 1
+    devices: PositiveInt | None = Field(None, description="defaults to tp * pp * dp; must equal it")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    optimizer: OptimizerConfig | None = Field(None, description="trainers (policy, value) only")
+
+    @property
+    def world(self):
+        return self.tp * self.pp * self.dp
+
+
+class RewardConfig(_Strict):
+    """A reward: a rule (a Python callable `module:function`, called in batch as
+    fn(prompts, responses) -> list of floats, token ids in and out) or a reward model (scores the
+    last token). The run's reward is sum(weight * reward)."""
+
+    kind: Literal["rule", "model"]
+    function: str | None = Field(None, description="rule: 'module:function'")
+    weight: float = 1.0
+    model: ModelSource | None = None
+    backend: Literal["hf"] = "hf"
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    dp: PositiveInt = 1
+    devices: PositiveInt | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @property
+    def world(self):
+        return self.tp * self.pp * self.dp
+
+    @pydantic.model_validator(mode="after")
+    def _kind(self):
+        if self.kind == "rule" and (self.function is None or self.model is not None):
+            raise ValueError("a rule reward needs function: 'module:function' and no model")
+        if self.kind == "model" and (self.model is None or self.function is not None):
+            raise ValueError("a model reward needs model: {path: ...} (or hf_config) and no function")
+        return self
+
+
+class ModelsConfig(_Strict):
+    policy: ModelConfig
+    rollout: ModelConfig = ModelConfig()
+    reference: ModelConfig | None = Field(None, description="null: no KL to a reference (kl_coef must be 0)")
+    value: ModelConfig | None = Field(None, description="ppo only")
+    rewards: dict[str, RewardConfig] = Field(min_length=1)
+
+
+class PlacementConfig(_Strict):
+    """Devices are Ray GPUs (logical ones on a machine without GPUs). A colocation group's models
+    share the same devices and time-share them; every other model gets devices of its own."""
+
+    colocate: list[list[str]] = Field(default_factory=list, description="groups of model names "
+                                      "(policy, rollout, reference, value, reward:<name>)")
+    nodes: PositiveInt = 1
+    devices_per_node: PositiveInt = 1
+    device_memory_gib: PositiveFloat = Field(80.0, description="memory of one device, for the estimate's check")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees GPUs")
+    threads_per_actor: PositiveInt = Field(2, description="torch threads in each actor on CPU tensors")
+    offload: bool = Field(True, description="colocated models leave the GPU between their phases (CUDA only)")
+
+
+class AlgorithmConfig(_Strict):
+    name: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "grpo"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo)")
+    clip_low: NonNegativeFloat = 0.2
+    clip_high: NonNegativeFloat = 0.28
+    clip_c: float = Field(3.0, gt=1, description="dual-clip bound for negative advantages")
+    value_clip: PositiveFloat = 0.5
+    kl_kind: Literal["k1", "abs", "mse", "k2", "low_var_kl", "k3"] = "low_var_kl"
+    kl_coef: NonNegativeFloat = Field(0.0, description="KL-to-reference loss coefficient")
+    entropy_coeff: float = 0.0
+    whiten_advantages: bool = Field(True, description="ppo: masked whitening of the GAE advantages")
+    norm_adv_by_std: bool = Field(True, description="grpo: divide by the group's std")
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
+                      "token-sum"] = "token-mean"
+
+
+class RolloutConfig(_Strict):
+    temperature: PositiveFloat = 1.0
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: PositiveInt = 8
+    samples_per_prompt: PositiveInt = 8
+    off_policy_steps: Literal[0, 1] = Field(0, description="1: with separate pools, the next batch is "
+                                            "generated while this one trains (one step stale)")
+
+
+class TrainConfig(_Strict):
+    steps: PositiveInt = 100
+    prompts_per_step: PositiveInt = 32
+    ppo_epochs: PositiveInt = 1
+    minibatch_sequences: PositiveInt = Field(128, description="sequences per optimizer step (over all dp ranks)")
+    seed: int = 0
+    eval_every_steps: NonNegativeInt = Field(10, description="0: only at the start and the end")
+
+
+class DataConfig(_Strict):
+    task: Literal["copy", "reverse"] = "copy"
+    min_digits: PositiveInt = 3
+    max_digits: PositiveInt = 3
+    eval_prompts: PositiveInt = 200
+    seed: int = Field(0, description="fixes the held-out set")
+
+    @pydantic.model_validator(mode="after")
+    def _digits(self):
+        if self.min_digits > self.max_digits:
+            raise ValueError("min_digits must be <= max_digits")
+        return self
+
+
+class LoggingConfig(_Strict):
+    run_dir: str = Field("runs/latest", description="metrics.jsonl, TensorBoard events, curve.png")
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+
+class CheckpointConfig(_Strict):
+    every_steps: NonNegativeInt = Field(0, description="0: no checkpoints")
+    dir: str | None = Field(None, description="default: <run_dir>/checkpoints")
+
+
+class EngineConfig(_Strict):
+    models: ModelsConfig
+    placement: PlacementConfig = PlacementConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    # --- the models by name --------------------------------------------------------------------
+    def model_names(self):
+        """Every device-holding model: policy, rollout, reference?, value?, reward:<name> (models)."""
+        names = ["policy", "rollout"] + [r for r in ("reference", "value") if getattr(self.models, r) is not None]
+        return names + [f"reward:{n}" for n, r in self.models.rewards.items() if r.kind == "model"]
+
+    def model(self, name):
+        if name.startswith("reward:"):
+            return self.models.rewards[name.split(":", 1)[1]]
+        return getattr(self.models, name)
+
+    def key(self, name):
+        """The config key path of a model."""
+        return f"models.rewards.{name.split(':', 1)[1]}" if name.startswith("reward:") else f"models.{name}"
+
+    def source(self, name):
+        """A model's ModelSource (rollout, reference and value default to the policy's)."""
+        return self.model(name).model or self.models.policy.model
+
+    def hf_config(self, name):
+        return self.source(name).hf()
+
+    # --- cross-field checks ---------------------------------------------------------------------
+    def check(self, available_devices=None):
+        """Every cross-field problem at once, as ConfigError; `available_devices` (when known) is
+        the number of devices present (Ray GPUs)."""
+        problems = []
+        a, m = self.algorithm, self.models
+        if m.policy.model is None:
+            problems.append(("models.policy.model", "the policy needs a model source (hf_config or path)"))
+        if a.name in ALGORITHMS_WITH_VALUE and m.value is None:
+            problems.append(("models.value", f"algorithm.name={a.name} needs a value model"))
+        if a.name not in ALGORITHMS_WITH_VALUE and m.value is not None:
+            problems.append(("models.value", f"algorithm.name={a.name} uses no value model: remove it"))
+        if a.kl_coef > 0 and m.reference is None:
+            problems.append(("algorithm.kl_coef", "a KL penalty needs models.reference"))
+        if a.name in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
+            problems.append(("rollout.samples_per_prompt", f"{a.name} compares samples of one prompt: needs >= 2"))
+        for role in ("policy", "value"):
+            if getattr(m, role) is not None and getattr(m, role).optimizer is None:
+                problems.append((f"models.{role}.optimizer", "a trainer needs an optimizer"))
+        for role in ("rollout", "reference"):
+            if getattr(m, role) is not None and getattr(m, role).optimizer is not None:
+                problems.append((f"models.{role}.optimizer", f"{role} is not trained: remove the optimizer"))
+        for name, r in m.rewards.items():
+            if r.kind == "rule":
+                problem = _check_callable(r.function)
+                if problem:
+                    problems.append((f"models.rewards.{name}.function", problem))
+        batch = self.train.prompts_per_step * self.rollout.samples_per_prompt
+        mb = self.train.minibatch_sequences
+        if batch % mb:
+            problems.append(("train.minibatch_sequences", f"must divide the batch (prompts_per_step * "
+                             f"samples_per_prompt = {batch}), got {mb}"))
+        if self.data.max_digits + 1 > self.rollout.max_new_tokens:
+            problems.append(("rollout.max_new_tokens", f"the task's longest answer is {self.data.max_digits + 1} tokens"))
+        problems += self._check_topology(available_devices)
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def _check_topology(self, available_devices):
+        problems = []
+        names = self.model_names()
+        for name in names:
+            mc, key = self.model(name), self.key(name)
+            if mc.devices is not None and mc.devices != mc.world:
+                problems.append((f"{key}.devices", f"tp*pp*dp = {mc.tp}*{mc.pp}*{mc.dp} = {mc.world} != devices {mc.devices}"))
+            if mc.backend == "hf" and (mc.tp > 1 or mc.pp > 1):
+                problems.append((f"{key}.tp" if mc.tp > 1 else f"{key}.pp", "backend hf runs tp=1, pp=1 (data parallel only)"))
+            try:
+                heads = getattr(self.hf_config(name), "num_attention_heads", None)
+            except Exception as e:  # a bad hf_config / path: the loader's own message
+                problems.append((f"{key}.model", f"cannot load the model config: {e}"))
+                continue
+            if heads is not None and heads % mc.tp:
+                problems.append((f"{key}.tp", f"tp={mc.tp} does not divide the {heads} attention heads"))
+            per = self.train.prompts_per_step * self.rollout.samples_per_prompt
+            if per % mc.dp:
+                problems.append((f"{key}.dp", f"dp={mc.dp} must divide the batch of {per} sequences"))
+        for name in ("policy", "value"):
+            if name in names and self.train.minibatch_sequences % self.model(name).dp:
+                problems.append(("train.minibatch_sequences", f"must be a multiple of models.{name}.dp"))
+        seen = {}
+        for i, group in enumerate(self.placement.colocate):
+            for j, name in enumerate(group):
+                if name not in names:
+                    problems.append((f"placement.colocate[{i}][{j}]", f"{name!r} is not a model of this config "
+                                     f"(models: {', '.join(names)})"))
+                elif name in seen:
+                    problems.append((f"placement.colocate[{i}][{j}]", f"{name!r} is already in group {seen[name]}"))
+                else:
+                    seen[name] = i
+        if not problems:
+            need = sum(pool.devices for pool in self.pools())
+            have = self.placement.nodes * self.placement.devices_per_node
+            if need > have:
+                problems.append(("placement", f"the models need {need} devices, placement.nodes * "
+                                 f"devices_per_node = {have}"))
+            if available_devices is not None and need > available_devices:
+                problems.append(("placement", f"the models need {need} devices, {available_devices} are present"))
+        return problems
+
+    def pools(self):
+        """The device pools: one per colocation group (size = its largest model), one per other model."""
+        from .placement import Pool
+
+        grouped = {n for g in self.placement.colocate for n in g}
+        pools = [Pool(tuple(g), max(self.model(n).world for n in g)) for g in self.placement.colocate]
+        pools += [Pool((n,), self.model(n).world) for n in self.model_names() if n not in grouped]
+        return pools
+
+    def colocated(self, a, b):
+        return any(a in g and b in g for g in self.placement.colocate)
+
+
+def _check_callable(spec):
+    module, _, fn = (spec or "").partition(":")
+    if not module or not fn:
+        return f"expected 'module:function', got {spec!r}"
+    try:
+        obj = getattr(importlib.import_module(module), fn, None)
+    except Exception as e:
+        return f"cannot import {module!r}: {e}"
+    if not callable(obj):
+        return f"{module!r} has no callable {fn!r}"
+    return None
+
+
+def load_callable(spec):
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _path(loc):
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+def parse_config(data, available_devices=None):
+    """A dict (the YAML's content) -> a checked EngineConfig, or ConfigError naming every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError([("<root>", f"expected a mapping, got {type(data).__name__}")])
+    try:
+        cfg = EngineConfig.model_validate(data)
+    except pydantic.ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union")))]
+            problems.append((_path(loc) or "<root>", err["msg"].removeprefix("Value error, ")))
+        raise ConfigError(problems) from None
+    return cfg.check(available_devices)
+
+
+def load_config(path, overrides=(), available_devices=None):
+    """The YAML file at `path` (with `key.path=value` overrides, values parsed as YAML) -> EngineConfig."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError([(item, "an override is key.path=value")])
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return parse_config(data, available_devices)
+
+
+def dump_config(cfg):
+    return json.loads(cfg.model_dump_json())
+
+
+def default_config_path():
+    return os.path.join(os.path.dirname(__file__), "configs", "default.yaml")
