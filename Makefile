@@ -8,7 +8,7 @@ DEPS := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark ninja pybind11
         verl==0.9.1 trl==1.16.0 megatron-core==0.16.1
 BENCH_ARGS ?=
 
-.PHONY: deps build test test-vllm bench info cuda-check cuda-build-check gpu-check clean
+.PHONY: deps build test test-vllm bench info cuda-check cuda-build-check gpu-check gpu-site clean
 
 $(BIN)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -63,14 +63,19 @@ cuda-build-check:
 	cd / && $(CUDA_VENV)/bin/python -m rlhfkern info
 
 # On a GPU machine whose python already has CUDA torch, triton, pytest and pytest-benchmark (no
-# network there, no venv): build with CUDA, run the tests, write the table under bench/results/.
+# network there, no venv): build with CUDA (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise),
+# `rlhfkern info`, the GPU-relevant tests, the GPU benchmarks -> bench/results/<card>.md and a
+# pass/fail summary bench/results/<card>-check.md. The steps: bench/gpu_check.sh.
 GPU_PYTHON ?= python3
 gpu-check:
-	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} $(GPU_PYTHON) -m pip install --no-build-isolation --no-deps -e .
-	$(GPU_PYTHON) -m rlhfkern info
-	$(GPU_PYTHON) -m pytest tests -q -p no:cacheprovider
-	$(GPU_PYTHON) -m pytest bench -q -p no:cacheprovider \
-	  --bench-md bench/results/$$($(GPU_PYTHON) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))").md
+	GPU_PYTHON=$(GPU_PYTHON) bash bench/gpu_check.sh
+
+# Pure-Python test dependencies for a GPU machine without network (OpenRLHF's loss module, which
+# the drop-in tests load): copied from the dev venv into .gpu_site/ (ignored), which
+# bench/gpu_check.sh puts on PYTHONPATH. Carry .gpu_site with the tree.
+gpu-site:
+	rm -rf .gpu_site && mkdir -p .gpu_site
+	cp -r $$($(BIN)/python -c "import openrlhf, os; print(os.path.dirname(openrlhf.__file__))") .gpu_site/
 
 clean:
 	rm -rf build rlhfkern/_C*.so *.egg-info

@@ -3,7 +3,13 @@ style: a Python loop over reversed time with torch ops, i.e. our "torch" referen
 0.9.1's own compute_gae_advantage_return for the whitened variant), in the same run.
 
 Groups per shape and device; on a GPU a "copy" row times copying the op's bytes (inputs read,
-outputs written) once, the floor a memory-bound kernel can approach."""
+outputs written) once, the floor a memory-bound kernel can approach. Without verl installed (the
+GPU image), the verl rows are our torch reference (the same Python loop over time).
+
+RLHFKERN_BENCH_DEVICES=cuda (or cpu) limits every bench file to those devices."""
+
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -12,9 +18,12 @@ import rlhfkern
 from rlhfkern import _dispatch
 from rlhfkern.compat import verl as compat_verl
 
-SHAPES = [(64, 1024), (256, 4096)]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SHAPES = {"cpu": [(64, 1024), (256, 4096)], "cuda": [(64, 1024), (256, 4096), (1024, 8192)]}
+DEVICES = [d for d in os.environ.get("RLHFKERN_BENCH_DEVICES", "cpu,cuda").split(",")
+           if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
 GPU_INNER = 20  # launches per timed call on the GPU: one sync per call would dominate
+HAS_VERL = importlib.util.find_spec("verl") is not None
+NO_VERL = " (verl not installed: rlhfkern's torch reference, the same loop)"
 
 
 def compiled(device, op="gae"):
@@ -47,7 +56,17 @@ def timed(benchmark, fn, device, slow, label, role):
     benchmark.pedantic(call, rounds=3 if slow else 15, iterations=1, warmup_rounds=1)
 
 
-CASES = [(s, d, b) for d in DEVICES for s in SHAPES for b in ["loop"] + compiled(d)]
+def copy_floor(benchmark, nbytes, group):
+    """A "copy" row: one device-to-device copy of nbytes / 2 bytes, i.e. nbytes read + written."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    benchmark.group = group
+    benchmark.extra_info.update(nbytes=nbytes)
+    timed(benchmark, lambda: dst.copy_(src), "cuda", False, f"copy of the same bytes ({nbytes / 2**20:.0f} MiB "
+          "read + written)", "copy")
+
+
+CASES = [(s, d, b) for d in DEVICES for s in SHAPES[d] for b in ["loop"] + compiled(d)]
 
 
 @pytest.mark.parametrize("shape,device,backend", CASES, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
@@ -61,18 +80,15 @@ def bench_gae(benchmark, shape, device, backend):
           label, "baseline" if backend == "loop" else "op")
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy floor is a GPU figure")
+@pytest.mark.parametrize("shape", SHAPES["cuda"], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.skipif("cuda" not in DEVICES, reason="the copy floor is a GPU figure")
 def bench_gae_copy_floor(benchmark, shape):
     B, T = shape
-    nbytes = B * T * 4 * (3 + 2)  # rewards, values, mask read; advantages, returns written
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    benchmark.group = f"gae {B}x{T} fp32 cuda"
-    timed(benchmark, lambda: dst.copy_(src), "cuda", False, "copy of the same bytes", "copy")
+    # rewards, values, mask (fp32) read; advantages, returns written
+    copy_floor(benchmark, B * T * 4 * (3 + 2), f"gae {B}x{T} fp32 cuda")
 
 
-WHITEN_CASES = [(s, d, b) for d in DEVICES for s in SHAPES for b in ["verl"] + compiled(d)]
+WHITEN_CASES = [(s, d, b) for d in DEVICES for s in SHAPES[d] for b in ["verl"] + compiled(d)]
 
 
 @pytest.mark.parametrize("shape,device,backend", WHITEN_CASES, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
@@ -81,10 +97,13 @@ def bench_verl_gae_whitened(benchmark, monkeypatch, shape, device, backend):
     B, T = shape
     r, v, m = make_inputs(B, T, device)
     benchmark.group = f"verl compute_gae_advantage_return {B}x{T} fp32 {device}"
-    if backend == "verl":
+    if backend == "verl" and HAS_VERL:
         from verl.trainer.ppo.core_algos import compute_gae_advantage_return as fn
 
         label, role = "verl 0.9.1", "baseline"
+    elif backend == "verl":
+        monkeypatch.setenv("RLHFKERN_BACKEND", "torch")
+        fn, label, role = compat_verl.compute_gae_advantage_return, "verl-style loop" + NO_VERL, "baseline"
     else:
         monkeypatch.setenv("RLHFKERN_BACKEND", backend)
         fn, label, role = compat_verl.compute_gae_advantage_return, f"rlhfkern.compat.verl ({backend})", "op"

@@ -1,16 +1,16 @@
 """Actor-loss benchmarks: forward + backward of the whole actor loss (PPO clip with dual-clip,
 IS weights, entropy bonus, k3 KL penalty, token-mean) per backend, against the eager composition
 verl 0.9.1 users run today (compute_policy_loss_vanilla + agg_loss + kl_penalty, autograd), in the
-same run, at 1M and 8M tokens, fp32."""
+same run, at 1M and 8M tokens, fp32. Without verl installed (the GPU image) the baseline is
+rlhfkern's torch reference, the same eager composition."""
 
 import pytest
 import torch
 
 import rlhfkern
-from bench_gae import GPU_INNER, compiled
+from bench_gae import DEVICES, GPU_INNER, HAS_VERL, compiled, copy_floor
 
 SHAPES = [(256, 4096), (1024, 8192)]  # 1M and 8M tokens
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def make_inputs(B, T, device):
@@ -48,14 +48,17 @@ CASES = [(s, d, b) for d in DEVICES for s in SHAPES for b in ["verl"] + compiled
 
 @pytest.mark.parametrize("shape,device,backend", CASES, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
 def bench_actor_loss_fwd_bwd(benchmark, shape, device, backend):
-    from verl.workers.config import ActorConfig
-
     B, T = shape
     lp, old, adv, m, ent, ref, isw = make_inputs(B, T, device)
     benchmark.group = f"actor loss fwd+bwd {B * T / 2**20:.0f}M tokens fp32 {device}"
-    if backend == "verl":
+    if backend == "verl" and HAS_VERL:
+        from verl.workers.config import ActorConfig
+
         config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
         step, label, role = (lambda: verl_step(lp, old, adv, m, ent, ref, isw, config)), "verl 0.9.1 eager", "baseline"
+    elif backend == "verl":
+        step = lambda: rlhfkern_step(lp, old, adv, m, ent, ref, isw, "torch")  # noqa: E731
+        label, role = "eager torch reference (verl's composition; verl not installed)", "baseline"
     else:
         step, label, role = (lambda: rlhfkern_step(lp, old, adv, m, ent, ref, isw, backend)), backend, "op"
     inner = GPU_INNER if device == "cuda" else 1
@@ -72,19 +75,8 @@ def bench_actor_loss_fwd_bwd(benchmark, shape, device, backend):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy floor is a GPU figure")
+@pytest.mark.skipif("cuda" not in DEVICES, reason="the copy floor is a GPU figure")
 def bench_actor_loss_copy_floor(benchmark, shape):
     """Bytes a fused forward + backward must move: 7 inputs read twice, d log_prob and d entropy written."""
     B, T = shape
-    nbytes = B * T * 4 * (2 * 7 + 2)
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    benchmark.group = f"actor loss fwd+bwd {B * T / 2**20:.0f}M tokens fp32 cuda"
-
-    def call():
-        for _ in range(GPU_INNER):
-            dst.copy_(src)
-        torch.cuda.synchronize()
-
-    benchmark.extra_info.update(inner=GPU_INNER, label="copy of the same bytes", role="copy")
-    benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)
+    copy_floor(benchmark, B * T * 4 * (2 * 7 + 2), f"actor loss fwd+bwd {B * T / 2**20:.0f}M tokens fp32 cuda")

@@ -23,12 +23,20 @@ def _status_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def peak_extra_bytes(fn):
-    """Peak resident memory that one call of fn adds to the process (Linux: VmHWM is reset to
-    the current VmRSS through /proc/self/clear_refs, then read back after the call)."""
+def peak_extra_bytes(fn, device="cpu"):
+    """Peak memory that one call of fn adds: on CUDA, the caching allocator's peak over what was
+    allocated before; on the CPU, the process's resident memory (Linux: VmHWM is reset to the
+    current VmRSS through /proc/self/clear_refs, then read back after the call)."""
     import gc
 
     gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
@@ -54,6 +62,8 @@ def machine():
 
 
 def commit():
+    if os.environ.get("RLHFKERN_COMMIT"):  # a copy of the tree without .git (bench/gpu_check.sh)
+        return os.environ["RLHFKERN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -65,18 +75,23 @@ def results_table(benchmarks):
     groups = {}
     for b in benchmarks:
         groups.setdefault(b.group, []).append(b)
-    lines = ["| group | backend | time per call | vs baseline | vs copy | peak memory |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| group | backend | time per call | vs baseline | vs copy | of copy bandwidth | bytes / time | peak memory |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for group, rows in groups.items():
         base = next((per_call(b) for b in rows if b.extra_info.get("role") == "baseline"), None)
-        copy = next((per_call(b) for b in rows if b.extra_info.get("role") == "copy"), None)
+        copy_row = next((b for b in rows if b.extra_info.get("role") == "copy"), None)
+        copy = per_call(copy_row) if copy_row else None
+        nbytes = copy_row.extra_info.get("nbytes") if copy_row else None
         for b in sorted(rows, key=per_call, reverse=True):
             t = per_call(b)
             speedup = f"{base / t:.1f}x" if base and b.extra_info.get("role") not in ("baseline", "copy") else ""
             vs_copy = f"{t / copy:.2f}" if copy and b.extra_info.get("role") != "copy" else ""
+            share = f"{100 * copy / t:.0f}%" if copy and b.extra_info.get("role") != "copy" else ""
+            rate = f"{nbytes / t / 1e9:.0f} GB/s" if nbytes else ""
             label = b.extra_info.get("label", b.name)
             peak = b.extra_info.get("peak_bytes")
             peak = f"{peak / 2**20:.0f} MiB" if peak is not None else ""
-            lines.append(f"| {group} | {label} | {format_time(t)} | {speedup} | {vs_copy} | {peak} |")
+            lines.append(f"| {group} | {label} | {format_time(t)} | {speedup} | {vs_copy} | {share} | {rate} | {peak} |")
     return "\n".join(lines)
 
 
@@ -96,6 +111,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
               f"torch {torch.__version__}, "
               f"python {platform.python_version()}\n"
               "vs baseline: baseline time / this time; vs copy: this time / time to copy the op's bytes once; "
+              "of copy bandwidth: copy time / this time; bytes / time: the bytes the op must move (the copy row's, "
+              "read + written) over this time; "
               "peak memory: what one call adds beyond its inputs (and, for backward, their gradient buffers)")
     table = results_table(benchmarks)
     terminalreporter.write_sep("=", "rlhfkern benchmark table")

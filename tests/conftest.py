@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could configure it"
+if not torch.cuda.is_available():  # on a GPU Triton compiles: never force the interpreter there
+    assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could configure it"
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import contextlib  # noqa: E402
@@ -19,16 +20,17 @@ GPU = torch.cuda.is_available()
 collect_ignore = [] if os.environ.get("RLHFKERN_TEST_VLLM") == "1" else ["vllm"]
 
 
-def compiled_backends():
+def compiled_backends(op_backends=("cpu", "triton", "cuda")):
     """(backend, device) pairs every compiled backend is tested on. No GPU here: the C++ CPU
     kernels and Triton through its interpreter; with a GPU: C++ CPU, Triton and CUDA on the GPU.
-    A backend that should run but cannot fails its tests (it is not skipped)."""
+    `op_backends`: the backends the family has (a family without a CUDA kernel: its module's
+    OP_BACKENDS). A backend that should run but cannot fails its tests (it is not skipped)."""
     pairs = [("cpu", "cpu")]
     if GPU:
         pairs += [("triton", "cuda"), ("cuda", "cuda")]
     else:
         pairs += [("triton", "cpu")]
-    return pairs
+    return [p for p in pairs if p[0] in op_backends]
 
 
 @pytest.fixture(params=compiled_backends(), ids=lambda p: f"{p[0]}-{p[1]}")

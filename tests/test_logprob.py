@@ -9,9 +9,17 @@ import rlhfkern
 from rlhfkern.compat import openrlhf as compat_openrlhf
 from rlhfkern.compat import trl as compat_trl
 from rlhfkern.compat import verl as compat_verl
-from rlhfkern.ops.logprob import logprobs_reference
+from rlhfkern.ops.logprob import OP_BACKENDS, logprobs_reference
 
 from conftest import compiled_backends, gloo_process, openrlhf_losses, run_processes
+
+BACKENDS = compiled_backends(OP_BACKENDS)  # no CUDA kernel in this family: Triton serves GPUs
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda p: f"{p[0]}-{p[1]}")
+def backend_device(request):
+    return request.param
+
 
 VOCABS = [1, 7, 32000, 50257, 151936]
 
@@ -181,7 +189,7 @@ def test_torch_compile_fullgraph(backend_device):
 
 
 # ----------------------------------------------------------------------------- drop-ins
-DROPIN = [("torch", "cpu")] + compiled_backends()
+DROPIN = [("torch", "cpu")] + BACKENDS
 
 
 @pytest.mark.parametrize("backend_device", DROPIN, ids=lambda p: f"{p[0]}-{p[1]}")

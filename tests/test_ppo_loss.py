@@ -9,10 +9,18 @@ import torch
 
 import rlhfkern
 from rlhfkern.compat import verl as compat_verl
-from rlhfkern.ops.ppo_loss import (AGG_MODES, KL_KINDS, actor_loss_reference, agg_loss_reference,
+from rlhfkern.ops.ppo_loss import (AGG_MODES, KL_KINDS, OP_BACKENDS, actor_loss_reference, agg_loss_reference,
                                    kl_penalty_reference, value_loss_reference)
 
 from conftest import compiled_backends, openrlhf_losses
+
+BACKENDS = compiled_backends(OP_BACKENDS)  # no CUDA kernel in this family: Triton serves GPUs
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda p: f"{p[0]}-{p[1]}")
+def backend_device(request):
+    return request.param
+
 
 KL_ALL = sorted(KL_KINDS) + [k + "+" for k in sorted(KL_KINDS)]
 
@@ -294,7 +302,7 @@ def test_torch_compile_fullgraph_forward_backward(backend_device):
 
 
 # ----------------------------------------------------------------------------- verl drop-ins
-@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + compiled_backends(), ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + BACKENDS, ids=lambda p: f"{p[0]}-{p[1]}")
 def test_compat_verl_policy_losses_match_verl(monkeypatch, backend_device):
     from verl.trainer.ppo import core_algos
     from verl.workers.config import ActorConfig
@@ -387,7 +395,7 @@ OPENRLHF_POLICY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + compiled_backends(), ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + BACKENDS, ids=lambda p: f"{p[0]}-{p[1]}")
 @pytest.mark.parametrize("case", range(len(OPENRLHF_POLICY_CASES)))
 def test_compat_openrlhf_policy_loss_matches_openrlhf(monkeypatch, backend_device, case):
     from rlhfkern.compat import openrlhf as compat_openrlhf
@@ -410,7 +418,7 @@ def test_compat_openrlhf_policy_loss_matches_openrlhf(monkeypatch, backend_devic
         close(torch.autograd.grad(ours[0], b)[0], torch.autograd.grad(theirs[0], a)[0], 1e-5, 1e-7)
 
 
-@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + compiled_backends(), ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + BACKENDS, ids=lambda p: f"{p[0]}-{p[1]}")
 def test_compat_openrlhf_value_loss_and_kl_match_openrlhf(monkeypatch, backend_device):
     from rlhfkern.compat import openrlhf as compat_openrlhf
 
