@@ -4,9 +4,17 @@ A pool is a set of devices: one per colocation group (its models share the same 
 time-share them, each rank asking for 1/k of a GPU when k models share a bundle), one per model
 outside any group. Rank r of a model lives on bundle r of its pool. One bundle = one device
 (a Ray GPU: a real one, or a logical one from `ray.init(num_gpus=N)` on a machine without GPUs).
+
+`Placement.report()` (and `plan_text(cfg)`, what `rlhfkern plan` prints) shows the topology, the
+phase schedule of one step and the memory estimate of `memory.estimate`; `check_memory` refuses a
+plan whose estimate exceeds placement.device_memory_gib.
 """
 
 import dataclasses
+
+from .memory import check_memory, estimate, fmt_bytes
+
+__all__ = ["Pool", "Slot", "Placement", "plan_text", "check_memory"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +51,15 @@ class Placement:
                 self.slots[name] = [Slot(name, r, i, r, 1.0 / share) for r in range(cfg.model(name).world)]
         self.groups = None     # Ray placement groups, one per pool
         self.nodes = None      # pool -> [node id per bundle]
+        self.gpus = None       # pool -> [GPU id per bundle] (ray.get_gpu_ids() on it)
 
     def devices(self):
         return sum(p.devices for p in self.pools)
 
-    def create(self, timeout_s=60):
+    def create(self, timeout_s=60, locate=True):
         """One Ray placement group per pool (PACK: a pool's bundles on as few nodes as possible);
-        waits until all are placed. Ray must be initialised."""
+        waits until all are placed. Ray must be initialised. `locate`: one tiny task per bundle
+        reads its GPU id (Ray reserves a bundle's GPU when the group is placed)."""
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
 
@@ -58,16 +68,31 @@ class Placement:
         ray.get([g.ready() for g in self.groups], timeout=timeout_s)
         self.nodes = [[placement_group_table(g)["bundles_to_node_id"][b] for b in range(p.devices)]
                       for g, p in zip(self.groups, self.pools)]
+        if locate:
+            probe = ray.remote(num_cpus=0)(_gpu_ids)
+            refs = [[probe.options(num_gpus=1e-4, scheduling_strategy=self._strategy(i, b)).remote()
+                     for b in range(p.devices)] for i, p in enumerate(self.pools)]
+            self.gpus = [[",".join(map(str, ids)) for ids in ray.get(r, timeout=timeout_s)] for r in refs]
         return self
+
+    def _strategy(self, pool, bundle):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(placement_group=self.groups[pool],
+                                                placement_group_bundle_index=bundle)
+
+    def where(self, model, rank):
+        """(node id, GPU id) of a rank's bundle; '?' for what is not known yet."""
+        slot = self.slots[model][rank]
+        node = self.nodes[slot.pool][slot.bundle] if self.nodes else "?"
+        gpu = self.gpus[slot.pool][slot.bundle] if self.gpus else "?"
+        return node, gpu
 
     def actor_options(self, model, rank):
         """Ray .options(...) for rank `rank` of `model`: its bundle, its share of the GPU."""
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         slot = self.slots[model][rank]
         return {"num_gpus": slot.gpu_fraction, "num_cpus": 0,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=self.groups[slot.pool], placement_group_bundle_index=slot.bundle)}
+                "scheduling_strategy": self._strategy(slot.pool, slot.bundle)}
 
     def remove(self):
         if self.groups:
@@ -75,4 +100,92 @@ class Placement:
 
             for g in self.groups:
                 remove_placement_group(g)
-        self.groups = None
+        self.groups = self.nodes = self.gpus = None
+
+    def report(self, memory=None):
+        """The plan as text: pools -> models -> ranks -> bundle/node/GPU, the phase schedule of one
+        step (with offload/onload moves), and the peak memory per device and phase (`memory`:
+        a memory.MemoryReport, estimated from the config when None)."""
+        cfg, memory = self.cfg, memory or estimate(self.cfg)
+        p = cfg.placement
+        offload = ("on: colocated models leave the GPU between their phases" if memory.offloaded
+                   else f"off ({'placement.offload: false' if not p.offload else memory.device + ' tensors stay put'})")
+        lines = [f"placement: {self.devices()} of {p.nodes * p.devices_per_node} devices "
+                 f"({p.nodes} node(s) x {p.devices_per_node}); "
+                 f"tensors on {memory.device}; offload {offload}"]
+        for i, pool in enumerate(self.pools):
+            kind = f"colocated, 1/{len(pool.models)} GPU per rank" if len(pool.models) > 1 else "separate"
+            lines.append(f"  pool {i} {pool.name}: {pool.devices} device(s), {kind}")
+            width = max(map(len, pool.models))
+            for name in pool.models:
+                for slot in self.slots[name]:
+                    node, gpu = self.where(name, slot.rank)
+                    lines.append(f"    {name:<{width}}  rank {slot.rank}  bundle {slot.bundle}  "
+                                 f"node {node[:8]}  gpu {gpu}")
+        lines += ["", f"step ({memory.seq} tokens per sequence; sequences per rank in brackets):"]
+        lines += _schedule_lines(cfg, memory)
+        lines += ["", *_memory_lines(memory)]
+        return "\n".join(lines)
+
+
+def _schedule_lines(cfg, memory):
+    phases = list(memory.schedule)
+    rules = [n for n, r in cfg.models.rewards.items() if r.kind == "rule"]
+    lines = []
+    for k, phase in enumerate(("generate", "reward", "logprobs", "values", "train", "sync")):
+        running = memory.schedule.get(phase, [])
+        what = ", ".join(f"{n} [{memory.batch[phase][n]}]" for n in running)
+        if phase == "sync":
+            what = "policy -> rollout weights"
+        if phase == "reward" and rules:
+            what = ", ".join(filter(None, [what, "rules " + ", ".join(rules) + " (host)"]))
+        if not what:
+            continue
+        moves = ""
+        if phase in memory.schedule and memory.offloaded:
+            i = phases.index(phase)
+            prev, nxt = set(memory.schedule[phases[i - 1]]), set(memory.schedule[phases[(i + 1) % len(phases)]])
+            on = [n for n in running if n in memory.offloaded and n not in prev]
+            off = [n for n in running if n in memory.offloaded and n not in nxt]
+            moves = "".join([f"; onload {', '.join(on)}" if on else "",
+                             f"; offload after: {', '.join(off)}" if off else ""])
+        lines.append(f"  {phase:<9} {what}{moves}")
+    if cfg.rollout.off_policy_steps and not any(len(p.models) > 1 for p in cfg.pools()):
+        lines.append("  (off_policy_steps 1: the next batch is generated while this one trains)")
+    return lines
+
+
+def _memory_lines(memory):
+    phases = list(memory.schedule)
+    top_dev, top_phase, top = memory.peak()
+    head = ["device", *phases, "biggest at the device's peak"]
+    rows = []
+    for d in memory.devices:
+        cells = [fmt_bytes(d.total(ph)) + ("*" if d is top_dev and ph == top_phase else "") for ph in phases]
+        phase, _ = d.peak()
+        (model, part), size = d.biggest(phase)
+        rows.append([d.name, *cells, f"{phase}: {model} {part} {fmt_bytes(size)}"])
+    widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
+    fmt = lambda r: "  " + "  ".join(x.ljust(w) if c in (0, len(r) - 1) else x.rjust(w)
+                                      for c, (x, w) in enumerate(zip(r, widths))).rstrip()
+    limit = memory.device_memory
+    verdict = "fits" if top <= limit else "DOES NOT FIT"
+    parts = sorted(top_dev.phases[top_phase].items(), key=lambda kv: -kv[1])
+    terms = [f"{m} {c} {fmt_bytes(b)}" for (m, c), b in parts[:3]]
+    if parts[3:]:
+        terms.append(f"{len(parts) - 3} more {fmt_bytes(sum(b for _, b in parts[3:]))}")
+    return [f"estimated peak memory per device and phase (* = the max; device memory {fmt_bytes(limit)}):",
+            fmt(head), *map(fmt, rows),
+            f"{verdict}: max {fmt_bytes(top)} on {top_dev.name} in {top_phase} = " + " + ".join(terms)]
+
+
+def plan_text(cfg, memory=None):
+    """What `rlhfkern plan` prints: the plan of `cfg` without Ray (node and GPU: '?'). Call
+    check_memory(memory.estimate(cfg)) to refuse a plan that does not fit."""
+    return Placement(cfg).report(memory)
+
+
+def _gpu_ids():
+    import ray
+
+    return ray.get_gpu_ids()

@@ -1,0 +1,270 @@
+"""The estimated peak memory of every device in every phase of one training step.
+
+`estimate(cfg)` -> MemoryReport: for each pool and each of its devices (bundles), for each phase,
+the bytes on that device by (model, component). Nothing runs; the models are built on the meta
+device, so parameter counts and dtypes are exact.
+
+Phases of a step, in order, and the models each runs (rule rewards run on the host):
+  generate  rollout                    reward  reward models
+  logprobs  reference, policy (old)    values  value (ppo)
+  train     policy, value              sync    policy -> rollout weights
+
+Static state of a model (exact): weights = its parameters (buffers such as rotary tables are not
+counted); trainers (policy, value) add gradients (one per parameter, in its dtype) and torch
+AdamW state (exp_avg and exp_avg_sq in the parameter's dtype, plus a float32 `step` scalar per
+parameter tensor: 2 * weights + 4 * tensors). Architectures: policy, rollout and reference are
+AutoModelForCausalLM; value and reward models are an AutoModel backbone + Linear(hidden, 1) `head`.
+
+Residency rule: a model in a colocation group, with placement.offload on CUDA, holds nothing on
+the device outside its phases and its whole state during them; every other model (not colocated,
+offload off, or CPU tensors) keeps its weights, gradients and optimizer state resident all step.
+The models of one phase may run at the same time, so their transient memory adds up.
+
+Transient memory, from the batch shapes (b sequences per rank of s tokens, t = b * s; e = bytes
+per element of the model's dtype; L layers, h hidden, a heads, f = intermediate size, V vocab):
+  s = longest prompt (data.max_digits + 2) + rollout.max_new_tokens (prefill: the prompt only)
+  b = prompts_per_step * samples_per_prompt / dp, and train.minibatch_sequences / dp in train
+  kv_cache     2 * L * kv_heads * head_dim * s * b * e                            (generate)
+  activations  train: Korthikanti et al. 2022, eq. 1 (no recomputation, tp = 1; its constants
+               are for 2-byte activations, scaled by e / 2): L * s*b*h * (34 + 5*a*s/h) * e/2
+               inference: one layer's working set, (6*t*h + max(2*b*a*s*s_kv, 3*t*f)) * e
+               (residual, norm, q, k, v, attention out; eager attention scores + probabilities,
+               or the MLP's gate/up/product); generate: the larger of prefill and one decode step
+  logits       causal LMs: train 2 * t * V * 4 (float32 logits and their gradient); inference
+               t * V * (e + 4) (the lm_head output and its float32 copy; e = 4: t * V * 4);
+               generate: one position per sequence
+Not counted: the CUDA context, allocator fragmentation, DDP's gradient buckets.
+"""
+
+import dataclasses
+import functools
+import json
+
+import torch
+
+PHASES = ("generate", "reward", "logprobs", "values", "train", "sync")
+STATE = ("weights", "gradients", "optimizer")
+TRANSIENT = ("activations", "kv_cache", "logits")
+TRAINERS = ("policy", "value")
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMemory:
+    """One model's exact static numbers (per rank: hf replicates the model on every dp rank)
+    and the shape numbers the transient formulas use."""
+
+    name: str
+    dtype: str
+    params: int         # parameter elements
+    tensors: int        # parameter tensors
+    weights: int        # bytes
+    gradients: int      # bytes (trainers)
+    optimizer: int      # bytes (trainers: AdamW exp_avg, exp_avg_sq, step)
+    causal_lm: bool     # False: backbone + scalar head (value, reward models)
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def itemsize(self):
+        return torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
+
+    @property
+    def state(self):
+        return self.weights + self.gradients + self.optimizer
+
+
+@dataclasses.dataclass
+class DeviceMemory:
+    """One device (bundle `bundle` of pool `pool`): phase -> {(model, component): bytes}."""
+
+    pool: int
+    pool_name: str
+    bundle: int
+    models: tuple       # models with a rank on this device
+    phases: dict
+
+    @property
+    def name(self):
+        return f"pool{self.pool}/bundle{self.bundle}"
+
+    def total(self, phase):
+        return sum(self.phases[phase].values())
+
+    def biggest(self, phase):
+        """((model, component), bytes) of the largest entry of `phase`."""
+        return max(self.phases[phase].items(), key=lambda kv: kv[1], default=((None, None), 0))
+
+    def peak(self):
+        """(phase, bytes) of this device's largest phase."""
+        return max(((p, self.total(p)) for p in self.phases), key=lambda pb: pb[1])
+
+
+@dataclasses.dataclass
+class MemoryReport:
+    models: dict        # name -> ModelMemory
+    devices: list       # DeviceMemory per pool and bundle
+    schedule: dict      # phase -> models that run in it (phases with device work only)
+    offloaded: tuple    # models that leave the device between their phases
+    device: str         # "cuda" or "cpu": the tensors' device the rule assumed
+    device_memory: int  # bytes of one device (placement.device_memory_gib)
+    seq: int            # tokens per sequence (s)
+    batch: dict         # phase -> sequences per rank, by model: {phase: {model: b}}
+
+    def peak(self):
+        """(DeviceMemory, phase, bytes) of the largest estimate."""
+        return max(((d, *d.peak()) for d in self.devices), key=lambda x: x[2])
+
+
+def _dtype(name):
+    return getattr(torch, name)
+
+
+@functools.lru_cache(maxsize=32)
+def _model_memory(name, source_json, dtype, causal_lm, trainable):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    source = json.loads(source_json)
+    if source["path"] is not None:
+        hf = AutoConfig.from_pretrained(source["path"])
+    else:
+        kw = dict(source["hf_config"])
+        hf = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    with torch.device("meta"):
+        if causal_lm:
+            model = AutoModelForCausalLM.from_config(hf, dtype=_dtype(dtype))
+        else:
+            model = AutoModel.from_config(hf, dtype=_dtype(dtype))
+            model.head = torch.nn.Linear(hf.hidden_size, 1, dtype=_dtype(dtype))
+    params = list(model.parameters())  # shared (tied) parameters once
+    weights = sum(p.numel() * p.element_size() for p in params)
+    heads = hf.num_attention_heads
+    return ModelMemory(
+        name=name, dtype=dtype, params=sum(p.numel() for p in params), tensors=len(params),
+        weights=weights, gradients=weights if trainable else 0,
+        optimizer=2 * weights + 4 * len(params) if trainable else 0, causal_lm=causal_lm,
+        layers=hf.num_hidden_layers, hidden=hf.hidden_size, heads=heads,
+        kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+        intermediate=getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
+        vocab=hf.vocab_size)
+
+
+def model_memory(cfg, name):
+    """The exact static numbers of model `name` (policy, rollout, reference, value, reward:<n>)."""
+    causal_lm = not (name == "value" or name.startswith("reward:"))
+    source = cfg.source(name).model_dump_json()
+    return _model_memory(name, source, cfg.model(name).dtype, causal_lm, name in TRAINERS)
+
+
+def _working_set(m, b, s, s_kv):
+    """Inference activations: one layer's working set for b sequences of s new tokens that attend
+    to s_kv tokens."""
+    t = b * s
+    return (6 * t * m.hidden + max(2 * b * m.heads * s * s_kv, 3 * t * m.intermediate)) * m.itemsize
+
+
+def _inference_logits(m, tokens):
+    e = m.itemsize
+    return tokens * m.vocab * (e + 4 if e != 4 else 4) if m.causal_lm else 0
+
+
+def transient(m, phase, b, s, prompt):
+    """{component: bytes} of model `m` running `phase` on b sequences of s tokens (prompt long)."""
+    e = m.itemsize
+    if phase == "generate":
+        return {"activations": max(_working_set(m, b, prompt, prompt), _working_set(m, b, 1, s)),
+                "kv_cache": 2 * m.layers * m.kv_heads * m.head_dim * s * b * e,
+                "logits": _inference_logits(m, b)}
+    if phase in ("reward", "logprobs", "values"):
+        return {"activations": _working_set(m, b, s, s), "logits": _inference_logits(m, b * s)}
+    if phase == "train":
+        acts = m.layers * s * b * m.hidden * (34 * e // 2) + m.layers * 5 * m.heads * s * s * b * e // 2
+        return {"activations": acts, "logits": 2 * b * s * m.vocab * 4 if m.causal_lm else 0}
+    return {}  # sync: weights only
+
+
+def schedule(cfg):
+    """phase -> the models that run in it on a device (phases without any are left out)."""
+    names = cfg.model_names()
+    rewards = [n for n in names if n.startswith("reward:")]
+    out = {"generate": ["rollout"], "reward": rewards,
+           "logprobs": [n for n in ("reference", "policy") if n in names],
+           "values": [n for n in ("value",) if n in names],
+           "train": [n for n in TRAINERS if n in names], "sync": ["policy", "rollout"]}
+    return {p: out[p] for p in PHASES if out[p]}
+
+
+def resolve_device(cfg):
+    """The tensors' device: placement.device, with auto -> cuda when torch sees a GPU."""
+    d = cfg.placement.device
+    return ("cuda" if torch.cuda.is_available() else "cpu") if d == "auto" else d
+
+
+def estimate(cfg, device=None):
+    """The MemoryReport of `cfg` (see the module docstring for every rule and formula);
+    `device` ("cuda"/"cpu") overrides placement.device."""
+    device = device or resolve_device(cfg)
+    models = {n: model_memory(cfg, n) for n in cfg.model_names()}
+    phases = schedule(cfg)
+    pools = cfg.pools()
+    offloaded = tuple(n for p in pools if len(p.models) > 1 for n in p.models) \
+        if cfg.placement.offload and device == "cuda" else ()
+    prompt = cfg.data.max_digits + 2
+    seq = prompt + cfg.rollout.max_new_tokens
+    sequences = cfg.train.prompts_per_step * cfg.rollout.samples_per_prompt
+    batch = {p: {n: (cfg.train.minibatch_sequences if p == "train" else sequences) // cfg.model(n).dp
+                 for n in ms} for p, ms in phases.items()}
+    devices = []
+    for i, pool in enumerate(pools):
+        for bundle in range(pool.devices):
+            here = tuple(n for n in pool.models if bundle < cfg.model(n).world)
+            table = {}
+            for phase, running in phases.items():
+                parts = {}
+                for n in here:
+                    m = models[n]
+                    if n in running or n not in offloaded:
+                        parts.update({(n, c): getattr(m, c) for c in STATE if getattr(m, c)})
+                    if n in running:
+                        extra = transient(m, phase, batch[phase][n], seq, prompt)
+                        parts.update({(n, c): v for c, v in extra.items() if v})
+                table[phase] = parts
+            devices.append(DeviceMemory(i, pool.name, bundle, here, table))
+    return MemoryReport(models, devices, phases, offloaded, device,
+                        int(cfg.placement.device_memory_gib * GIB), seq, batch)
+
+
+def fmt_bytes(n):
+    """GiB with 3 decimals from 0.1 GiB; MiB, KiB (2 and 1 decimals) or bytes below."""
+    if n >= GIB // 10:
+        return f"{n / GIB:.3f} GiB"
+    if n >= 2 ** 20:
+        return f"{n / 2 ** 20:.2f} MiB"
+    if n >= 2 ** 10:
+        return f"{n / 2 ** 10:.1f} KiB"
+    return f"{n} B"
+
+
+def check_memory(report):
+    """Raise ConfigError on placement.device_memory_gib, one line per device whose estimate
+    exceeds it (at its largest phase)."""
+    from .config import ConfigError
+
+    limit = report.device_memory
+    problems = []
+    for d in report.devices:
+        phase, need = d.peak()
+        if need > limit:
+            (model, part), size = d.biggest(phase)
+            problems.append(("placement.device_memory_gib",
+                             f"device {d.name} phase {phase} needs {fmt_bytes(need)} > {fmt_bytes(limit)} "
+                             f"(biggest: {model} {part} {fmt_bytes(size)})"))
+    if problems:
+        raise ConfigError(problems)
+    return report

@@ -1,0 +1,203 @@
+"""Placement on Ray's logical GPUs (every rank lands where the plan says), the memory estimate
+against real tensors, the memory check and the plan's text. One Ray instance for the module."""
+
+import copy
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from rlhfkern.sched.config import ConfigError, parse_config
+from rlhfkern.sched.memory import check_memory, estimate, model_memory
+from rlhfkern.sched.placement import Placement, plan_text
+
+LLAMA = {"model_type": "llama", "vocab_size": 14, "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+         "tie_word_embeddings": False}
+RULE = {"copy": {"kind": "rule", "function": "rlhfkern.sched.tasks:copy_reward"}}
+OPT = {"lr": 1e-3}
+
+# ppo: policy + reference colocated on 2 devices (dp=2), rollout and value on one each
+MIXED = {"models": {"policy": {"model": {"hf_config": LLAMA}, "optimizer": OPT, "dp": 2},
+                    "rollout": {}, "reference": {"dp": 2}, "value": {"optimizer": OPT, "dtype": "bfloat16"},
+                    "rewards": RULE},
+         "placement": {"colocate": [["policy", "reference"]], "devices_per_node": 4},
+         "algorithm": {"name": "ppo"}, "train": {"prompts_per_step": 4, "minibatch_sequences": 16}}
+# grpo: policy (dp=2) + rollout (1 rank) colocated on 2 devices, a reward model apart on 2
+SPLIT = {"models": {"policy": {"model": {"hf_config": LLAMA}, "optimizer": OPT, "dp": 2}, "rollout": {},
+                    "rewards": {**RULE, "rm": {"kind": "model", "model": {"hf_config": LLAMA}, "dp": 2}}},
+         "placement": {"colocate": [["policy", "rollout"]], "devices_per_node": 4},
+         "train": {"prompts_per_step": 4, "minibatch_sequences": 16}}
+
+
+def config(base, **placement):
+    data = copy.deepcopy(base)
+    data["placement"].update(placement)
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray import cloudpickle
+
+    tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    yield ray
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _where():
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "pg": ctx.get_placement_group_id(),
+            "gpu": ",".join(map(str, ray.get_gpu_ids())), "resources": ctx.get_assigned_resources()}
+
+
+@pytest.mark.parametrize("base", [MIXED, SPLIT], ids=["mixed", "split"])
+def test_every_rank_lands_where_the_plan_says(ray_cluster, base):
+    ray = ray_cluster
+    cfg = config(base)
+    plan = Placement(cfg)
+    assert "gpu ?" in plan.report()  # before create: node and GPU unknown
+    plan.create()
+    Where = ray.remote(type("Where", (), {"where": lambda self: _where()}))
+    try:
+        actors = {(m, s.rank): Where.options(**plan.actor_options(m, s.rank)).remote()
+                  for m, slots in plan.slots.items() for s in slots}
+        seen = dict(zip(actors, ray.get([a.where.remote() for a in actors.values()])))
+        for (model, rank), got in seen.items():
+            slot = plan.slots[model][rank]
+            node, gpu = plan.where(model, rank)
+            assert got["pg"] == plan.groups[slot.pool].id.hex(), (model, rank)
+            assert (got["node"], got["gpu"]) == (node, gpu), (model, rank)
+            assert got["resources"] == pytest.approx({"GPU": slot.gpu_fraction}), (model, rank)
+        # a bundle is one GPU: colocated ranks on it share it, every other bundle has its own
+        by_bundle = {}
+        for (model, rank), got in seen.items():
+            slot = plan.slots[model][rank]
+            by_bundle.setdefault((slot.pool, slot.bundle), set()).add(got["gpu"])
+        assert all(len(gpus) == 1 for gpus in by_bundle.values()), by_bundle
+        assert len({g for gpus in by_bundle.values() for g in gpus}) == len(by_bundle) == plan.devices()
+        colocated = [s for s in plan.pools if len(s.models) > 1][0].models
+        pool = plan.slots[colocated[0]][0].pool
+        assert len({seen[(m, 0)]["gpu"] for m in colocated}) == 1
+        assert all(plan.slots[m][0].pool != pool for m in plan.slots if m not in colocated)
+        text = plan.report()
+        assert "?" not in text.split("step")[0]
+        for (model, rank), got in seen.items():
+            assert re.search(rf"{re.escape(model)}\s+rank {rank}\s+bundle \d+\s+node {got['node'][:8]}\s+gpu "
+                             rf"{got['gpu']}\b", text), (model, rank)
+        for a in actors.values():
+            ray.kill(a)
+    finally:
+        plan.remove()
+
+
+def _real_state(model, dtype, scalar_head):
+    """Bytes of the weights, gradients and AdamW state of `model` after one optimizer step."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 14, (2, 5))
+    if scalar_head:
+        out = model.head(model(input_ids=ids).last_hidden_state).float().sum()
+    else:
+        out = model(input_ids=ids).logits.float().logsumexp(-1).sum()
+    out.backward()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt.step()
+    params = list(model.parameters())
+    assert {p.dtype for p in params} == {dtype}
+    return {"params": sum(p.numel() for p in params), "weights": sum(p.nbytes for p in params),
+            "gradients": sum(p.grad.nbytes for p in params),
+            "optimizer": sum(t.nbytes for s in opt.state.values() for t in s.values())}
+
+
+@pytest.mark.parametrize("dtype,tied", [("float32", False), ("bfloat16", True)])
+def test_memory_estimate_equals_real_tensors(dtype, tied):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    data = copy.deepcopy(MIXED)
+    data["models"]["policy"]["model"]["hf_config"]["tie_word_embeddings"] = tied
+    data["models"]["policy"]["dtype"] = data["models"]["value"]["dtype"] = dtype
+    cfg = parse_config(data)
+    report = estimate(cfg, device="cpu")
+    torch_dtype = getattr(torch, dtype)
+    hf = cfg.hf_config("policy")
+
+    policy = AutoModelForCausalLM.from_config(hf, dtype=torch_dtype)
+    value = AutoModel.from_config(hf, dtype=torch_dtype)
+    value.head = torch.nn.Linear(hf.hidden_size, 1, dtype=torch_dtype)
+    for name, model, scalar in (("policy", policy, False), ("value", value, True)):
+        real = _real_state(model, torch_dtype, scalar)
+        est = model_memory(cfg, name)
+        assert est == report.models[name]
+        assert {k: getattr(est, k) for k in real} == real, name
+        # a trainer's state is resident on its device in every phase (CPU tensors: no offload)
+        device = next(d for d in report.devices if name in d.models)
+        for parts in device.phases.values():
+            assert {c: parts[(name, c)] for c in ("weights", "gradients", "optimizer")} == \
+                {c: real[c] for c in ("weights", "gradients", "optimizer")}
+    frozen = model_memory(cfg, "reference")  # the policy's architecture in its own dtype (float32)
+    assert (frozen.params, frozen.weights, frozen.gradients, frozen.optimizer) == \
+        (model_memory(cfg, "policy").params, 4 * frozen.params, 0, 0)
+
+
+def test_offload_rule_and_transient_formulas():
+    cfg = config(MIXED)
+    on_gpu, on_cpu = estimate(cfg, device="cuda"), estimate(cfg, device="cpu")
+    pool0 = [d for d in on_gpu.devices if d.pool == 0][0]
+    assert set(on_gpu.offloaded) == {"policy", "reference"} and on_cpu.offloaded == ()
+    assert pool0.total("generate") == 0  # colocated + offload: nothing outside their phases
+    assert pool0.phases["train"].keys() >= {("policy", "weights"), ("policy", "optimizer")}
+    assert ("reference", "weights") not in pool0.phases["train"]
+    assert ("policy", "optimizer") in [d for d in on_cpu.devices if d.pool == 0][0].phases["generate"]
+    # rollout on its own device: weights always, KV cache in generate = 2*L*kv*hd*s*b*e
+    m, s, b = on_cpu.models["rollout"], on_cpu.seq, 16 * 8
+    assert s == cfg.data.max_digits + 2 + cfg.rollout.max_new_tokens
+    rollout = [d for d in on_cpu.devices if d.models == ("rollout",)][0]
+    assert rollout.phases["generate"][("rollout", "kv_cache")] == 2 * 2 * 2 * 8 * s * b * 4 // 4
+    assert rollout.phases["train"] == {("rollout", "weights"): m.weights}
+    # Korthikanti et al. (e = 2 bytes: bfloat16 value) with b = minibatch / dp = 16
+    v = on_cpu.models["value"]
+    acts = 2 * s * 16 * 32 * (34 + 5 * 4 * s / 32)
+    assert [d for d in on_cpu.devices if d.models == ("value",)][0].phases["train"][("value", "activations")] == acts
+    assert v.itemsize == 2
+
+
+def test_check_memory_refuses_a_plan_that_does_not_fit():
+    cfg = config(MIXED, device_memory_gib=0.0005)  # 512 KiB
+    report = estimate(cfg)
+    with pytest.raises(ConfigError) as e:
+        check_memory(report)
+    keys = {k for k, _ in e.value.problems}
+    assert keys == {"placement.device_memory_gib"}
+    assert re.search(r"device pool0/bundle0 phase logprobs needs 1\.\d\d MiB > 524\.3 KiB", str(e.value))
+    assert "DOES NOT FIT" in plan_text(cfg, report)
+    assert check_memory(estimate(config(MIXED))) is not None  # 80 GiB: fits
+
+
+def test_plan_text_names_every_model_rank_and_phase():
+    for base in (MIXED, SPLIT):
+        cfg = config(base)
+        text = plan_text(cfg)
+        for name in cfg.model_names():
+            for rank in range(cfg.model(name).world):
+                assert re.search(rf"^\s+{re.escape(name)}\s+rank {rank}\s+bundle {rank}\s+node \?\s+gpu \?$",
+                                 text, re.M), (name, rank)
+        for phase in estimate(cfg).schedule:
+            assert re.search(rf"^\s+{phase}\s", text, re.M), phase
+        assert "rules copy (host)" in text and re.search(r"B\*", text) and "fits: max" in text
