@@ -56,7 +56,9 @@ def extension():
 ext, cuda = extension()
 setup(
     version=f"{BASE_VERSION}+{local_version(cuda)}",
-    packages=["rlhfkern", "rlhfkern.ops", "rlhfkern.compat", "rlhfkern.reshard", "rlhfkern.triton_kernels"],
+    packages=["rlhfkern", "rlhfkern.ops", "rlhfkern.compat", "rlhfkern.reshard", "rlhfkern.sched",
+              "rlhfkern.triton_kernels"],
+    package_data={"rlhfkern.sched": ["configs/*.yaml"]},
     package_dir={"rlhfkern.triton_kernels": "triton_kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},

@@ -81,9 +81,27 @@ def main(argv=None):
     rs.add_argument("--dst", required=True, help="megatron:tp=A,pp=B | vllm:tp=C | hf")
     rs.add_argument("--colocated", action="store_true", help="destination rank i shares source rank i's process")
     rs.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    for name, what in (("train", "run the RLHF loop of a config (default: the shipped tiny GRPO run)"),
+                       ("plan", "print a config's placement, phase schedule and memory estimate; start nothing")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("config", nargs="?", default=None, help="a YAML file (default: rlhfkern/sched/configs/default.yaml)")
+        p.add_argument("overrides", nargs="*", help="key.path=value (value parsed as YAML), e.g. train.steps=20")
     args = parser.parse_args(argv)
+    if args.command in ("train", "plan"):
+        return engine_command(args)
     print(info() if args.command == "info" else reshard(args))
     return 0
+
+
+def engine_command(args):
+    from .sched import cli
+
+    return cli.main(args.command, args.config, args.overrides)
+
+
+def console():
+    """The `rlhfkern` console script."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

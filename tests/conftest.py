@@ -11,6 +11,7 @@ if not torch.cuda.is_available():  # on a GPU Triton compiles: never force the i
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import contextlib  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -92,3 +93,16 @@ def run_processes(worker, world, tmp_path, *args):
     while not failures.empty():
         errors.append(failures.get())
     assert not errors, errors
+
+
+@pytest.fixture(scope="session")
+def ray_gpus(tmp_path_factory):
+    """One local Ray for the whole test session with 8 logical GPUs (a machine without GPUs: the
+    placement groups and fractional GPU requests behave as on a cluster). Yields the GPU count."""
+    ray = pytest.importorskip("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, _temp_dir=temp, configure_logging=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    yield 8
+    ray.shutdown()

@@ -9,9 +9,9 @@ inference layout (vLLM TP) so that each destination receives exactly its shard.
 """
 
 from .executor import Resharder
-from .layouts import HFLayout, MegatronLayout, ModelSpec, Piece, VLLMLayout
+from .layouts import HFLayout, MegatronLayout, ModelSpec, Piece, ReplicatedLayout, VLLMLayout
 from .plan import Plan, apply, plan_reshard
 
 __all__ = [
-    "HFLayout", "MegatronLayout", "ModelSpec", "Piece", "Plan", "Resharder", "VLLMLayout", "apply", "plan_reshard",
+    "HFLayout", "MegatronLayout", "ModelSpec", "Piece", "Plan", "ReplicatedLayout", "Resharder", "VLLMLayout", "apply", "plan_reshard",
 ]

@@ -121,6 +121,10 @@ class Resharder:
     def _process(self):
         return dist.get_rank(self.group) if dist.is_initialized() else 0
 
+    def _peer(self, process):
+        """The global rank of a process of the group (P2POp takes global ranks)."""
+        return process if self.group is None else dist.get_global_rank(self.group, process)
+
     @staticmethod
     def _view(tensor, seg, offset):
         return tensor.narrow(seg.axis, offset, seg.length)
@@ -155,16 +159,16 @@ class Resharder:
                 if sender == me:
                     buf = torch.empty(n, dtype=self.plan.dtype, device=device)
                     pack([self._view(src_tensors[s][seg.src_name], seg, seg.src_offset) for s, _, seg in bucket], buf)
-                    ops.append(dist.P2POp(dist.isend, buf, receiver, group=self.group))
+                    ops.append(dist.P2POp(dist.isend, buf, self._peer(receiver), group=self.group))
                     if self.checksums:
-                        ops.append(dist.P2POp(dist.isend, checksum(buf), receiver, group=self.group))
+                        ops.append(dist.P2POp(dist.isend, checksum(buf), self._peer(receiver), group=self.group))
                     held += buf.numel() * self.itemsize
                 if receiver == me:
                     buf = torch.empty(n, dtype=self.plan.dtype, device=device)
-                    ops.append(dist.P2POp(dist.irecv, buf, sender, group=self.group))
+                    ops.append(dist.P2POp(dist.irecv, buf, self._peer(sender), group=self.group))
                     expected = torch.empty(2, dtype=torch.int64, device=device) if self.checksums else None
                     if self.checksums:
-                        ops.append(dist.P2POp(dist.irecv, expected, sender, group=self.group))
+                        ops.append(dist.P2POp(dist.irecv, expected, self._peer(sender), group=self.group))
                     received = (sender, buf, bucket, expected)
                     held += n * self.itemsize
             self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)

@@ -144,6 +144,19 @@ class HFLayout(Layout):
         return {name: _whole(shapes, name) for name in shapes}
 
 
+class ReplicatedLayout(Layout):
+    """`dp` data-parallel replicas of a layout: rank r holds what rank r % layout.world holds."""
+
+    def __init__(self, layout, dp):
+        if dp < 1:
+            raise ValueError(f"dp must be >= 1, got {dp}")
+        self.inner, self.spec, self.dp = layout, layout.spec, dp
+        self.world = layout.world * dp
+
+    def params(self, rank):
+        return self.inner.params(rank % self.inner.world)
+
+
 def _vocab_param(hf, vocab, hidden, padded, parts, r):
     """Rows [r Vp/parts, (r+1) Vp/parts) of the padded vocabulary; rows >= vocab stay zero."""
     per = padded // parts

@@ -183,13 +183,28 @@ def plan_reshard(src_layout, dst_layout, *, colocated=False, dtype=torch.bfloat1
     return Plan(src_layout, dst_layout, colocated, list(groups.values()), dtype)
 
 
-def apply(plan, src_shards):
-    """Runs a plan in one process: {rank: {name: tensor}} of the source layout -> the destination's."""
+def apply(plan, src_shards, out=None):
+    """Runs a plan in one process: {rank: {name: tensor}} of the source layout -> the destination's.
+    With `out` ({dst_rank: {name: tensor}}, e.g. a live model's parameters), only those
+    destination ranks are written, in place (padding zeroed); src_shards then needs only the
+    source ranks that feed them."""
     like = next(iter(next(iter(src_shards.values())).values()))
-    out = {r: {n: torch.zeros(p.shape, dtype=like.dtype, device=like.device) for n, p in ps.items()}
-           for r, ps in plan.dst_params.items()}
+    if out is None:
+        out = {r: {n: torch.zeros(p.shape, dtype=like.dtype, device=like.device) for n, p in ps.items()}
+               for r, ps in plan.dst_params.items()}
+    else:
+        for r, params in out.items():
+            for n, p in plan.dst_params[r].items():
+                if params[n].shape != torch.Size(p.shape):
+                    raise ValueError(f"destination rank {r} {n} is {tuple(params[n].shape)}, expected {p.shape}")
+                axis = p.pieces[0].axis if p.pieces else 0
+                if sum(pc.stop - pc.start for pc in p.pieces) < p.shape[axis]:
+                    params[n].zero_()
     for t in plan.transfers:
+        dsts = [(r, n, off) for r, n, off in t.dsts if r in out]
+        if not dsts:
+            continue
         piece = src_shards[t.src_rank][t.src_name].narrow(t.axis, t.src_offset, t.length)
-        for r, n, off in t.dsts:
+        for r, n, off in dsts:
             out[r][n].narrow(t.axis, off, t.length).copy_(piece)
     return out

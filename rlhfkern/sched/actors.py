@@ -1,0 +1,369 @@
+"""Model actors: one Ray actor per rank of a model, one interface for every backend.
+
+`ModelWorker` is the Ray actor; it holds one backend object (`HFBackend` for `backend: hf`) and
+forwards the interface the loop calls:
+
+    generate(prompts, seed, greedy)      rollout: token ids in, right-padded responses out
+    logprobs(batch, with_entropy)        policy (old log-probs) and reference
+    values(batch)                        value model
+    scores(batch)                        reward models
+    train_policy(batch, step, hp)        PPO epochs over minibatches (rlhfkern.actor_loss)
+    train_value(batch, step, hp)         same for the value loss (rlhfkern.value_loss)
+    sync_state() / sync_load(...) / sync_run(...)    weights for the rollout (rlhfkern.reshard)
+    offload() / onload()                 colocated models leave the GPU between their phases
+    save(dir) / load(dir) / memory_bytes()
+
+A later backend (megatron-core trainer, vLLM rollout) implements the same methods; the loop
+never sees which one runs. A batch is a dict of CPU tensors: input_ids [B, L] (left-padded
+prompt of P tokens, then the response of R tokens right-padded), attention_mask [B, L],
+response_mask [B, R], and per-token fields [B, R] (old_log_prob, ref_log_prob, advantages,
+values, returns) as the phase needs them.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+import rlhfkern
+
+from . import tasks
+
+LOGITS_BUDGET_BYTES = 256 << 20  # above this, log-probs are fused with the LM head
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def role_of(name):
+    return "reward" if name.startswith("reward:") else name
+
+
+def build_model(cfg, name, seed, device="meta"):
+    """The torch module of model `name`: a causal LM (policy, rollout, reference), a token
+    classifier with one label (value: one scalar per token), or a sequence classifier with one
+    label (reward model: the last token's score). From a path: its weights; from hf_config: the
+    weights torch draws after manual_seed(seed), the same in every process."""
+    import transformers
+
+    role = role_of(name)
+    mc = cfg.model(name)
+    dtype = getattr(torch, mc.dtype)
+    auto = {"value": transformers.AutoModelForTokenClassification,
+            "reward": transformers.AutoModelForSequenceClassification}.get(role, transformers.AutoModelForCausalLM)
+    source = cfg.source(name)
+    hf = source.hf()
+    if role in ("value", "reward"):
+        hf.num_labels = 1
+    if source.path is not None and device != "meta":
+        return auto.from_pretrained(source.path, config=hf, dtype=dtype).to(device)
+    with torch.device(device):
+        torch.manual_seed(seed + (1 if role == "value" else 0))
+        model = auto.from_config(hf, dtype=dtype)
+    return model
+
+
+def position_ids(attention_mask):
+    """Positions counted over the real tokens (left padding gets position 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def response_mask_of(responses, eos_id):
+    """1 for the response's tokens up to and including the first EOS (no EOS: all of them). A
+    sampled PAD before the EOS is a real token; the padding after it is not."""
+    is_eos = responses == eos_id
+    return ((is_eos.cumsum(-1) - is_eos.long()) == 0).to(torch.int64)
+
+
+def _accumulate(sums, metrics):
+    """Appends one minibatch's 0-d tensors (one host sync per minibatch, after its update)."""
+    for key, v in metrics.items():
+        sums.setdefault(key, []).append(float(v.detach() if torch.is_tensor(v) else v))
+
+
+def _means(sums):
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+class HFBackend:
+    """A transformers model on one rank: DDP over the model's dp group when it trains."""
+
+    def __init__(self, cfg, name, rank, world, device, group):
+        self.cfg, self.name, self.role, self.rank, self.world = cfg, name, role_of(name), rank, world
+        self.device = torch.device(device)
+        self.group = group
+        mc = cfg.model(name)
+        self.model = build_model(cfg, name, cfg.train.seed, device=self.device)
+        self.hf_config = self.model.config
+        self.trainable = self.role in ("policy", "value")
+        self.model.train(False)
+        if self.trainable:
+            for m in self.model.modules():  # PPO wants the sampling distribution: no dropout noise
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+            o = mc.optimizer
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                               weight_decay=o.weight_decay)
+            self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, process_group=group)
+                        if world > 1 else self.model)
+        else:
+            self.model.requires_grad_(False)
+            self.optimizer = None
+        self.offloaded = False
+
+    # ---------------------------------------------------------------------------- forward passes
+    def _inputs(self, batch):
+        ids = batch["input_ids"].to(self.device)
+        am = batch["attention_mask"].to(self.device)
+        return ids, am, position_ids(am)
+
+    def _token_logprobs(self, module, batch, with_entropy):
+        """Log-probs (and entropy) of the response tokens at the rollout temperature: through
+        rlhfkern.linear_logprobs (the [tokens, vocab] logits never exist) when those logits would
+        exceed LOGITS_BUDGET_BYTES in fp32, else rlhfkern.logprobs on the logits (faster for a
+        small vocabulary)."""
+        ids, am, pos = self._inputs(batch)
+        R = batch["response_mask"].shape[1]
+        labels = torch.where(batch["response_mask"].to(self.device).bool(), ids[:, -R:], -100)
+        head = self.model.get_output_embeddings()
+        T = self.cfg.rollout.temperature
+        if labels.numel() * head.weight.shape[0] * 4 > LOGITS_BUDGET_BYTES and head.bias is None:
+            hidden = module(input_ids=ids, attention_mask=am, position_ids=pos, output_hidden_states=True,
+                            logits_to_keep=1).hidden_states[-1][:, -R - 1:-1]
+            out = rlhfkern.linear_logprobs(hidden, head.weight, labels, temperature=T, return_entropy=with_entropy)
+        else:
+            logits = module(input_ids=ids, attention_mask=am, position_ids=pos,
+                            logits_to_keep=R + 1).logits[:, :-1]
+            out = rlhfkern.logprobs(logits.float(), labels, temperature=T, return_entropy=with_entropy)
+        return out if with_entropy else (out, None)
+
+    @torch.no_grad()
+    def logprobs(self, batch, with_entropy=False):
+        lp, ent = self._token_logprobs(self.model, batch, with_entropy)
+        return lp.cpu(), (ent.cpu() if ent is not None else None)
+
+    def _values(self, module, batch):
+        ids, am, pos = self._inputs(batch)
+        R = batch["response_mask"].shape[1]
+        v = module(input_ids=ids, attention_mask=am, position_ids=pos).logits[..., 0]
+        return v[:, -R - 1:-1].float()  # V(s_t) from the state before token t, as verl
+
+    @torch.no_grad()
+    def values(self, batch):
+        return self._values(self.model, batch).cpu()
+
+    @torch.no_grad()
+    def scores(self, batch):
+        ids, am, pos = self._inputs(batch)
+        return self.model(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, 0].float().cpu()
+
+    @torch.no_grad()
+    def generate(self, prompts, seed, greedy=False):
+        """prompts: lists of token ids -> (responses [B, max_new_tokens] padded with PAD, their mask)."""
+        r = self.cfg.rollout
+        P = max(map(len, prompts))
+        ids = torch.full((len(prompts), P), tasks.PAD, dtype=torch.int64)
+        am = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p)
+            am[i, P - len(p):] = 1
+        torch.manual_seed(seed)
+        sampling = {} if greedy else {"temperature": r.temperature, "top_p": r.top_p, "top_k": None}
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=am.to(self.device),
+                                  max_new_tokens=r.max_new_tokens, do_sample=not greedy, **sampling,
+                                  pad_token_id=self.hf_config.pad_token_id, eos_token_id=self.hf_config.eos_token_id)
+        resp = torch.full((len(prompts), r.max_new_tokens), tasks.PAD, dtype=torch.int64)
+        got = out[:, P:].cpu()
+        resp[:, :got.shape[1]] = got
+        return resp, response_mask_of(resp, self.hf_config.eos_token_id)
+
+    # ---------------------------------------------------------------------------- training
+    def _minibatches(self, batch, minibatch, epochs):
+        B = batch["input_ids"].shape[0]
+        for epoch in range(epochs):
+            for k, start in enumerate(range(0, B, minibatch)):
+                yield epoch, k, {key: v[start:start + minibatch] if torch.is_tensor(v) and v.dim() > 0 else v
+                                 for key, v in batch.items()}
+
+    def _step(self, loss, step, epoch, k):
+        """Backward and optimizer step, unless the loss is not finite on some dp rank (then every
+        rank raises, nothing is applied)."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        if self.world > 1:
+            dist.all_reduce(bad, group=self.group)
+        if bad.item():
+            raise NonFiniteLoss(f"step {step}: {self.name} loss is {loss.item()} (epoch {epoch}, minibatch {k}); "
+                                f"the update was not applied")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.cfg.model(self.name).optimizer.grad_clip_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
+        self.optimizer.step()
+        return norm
+
+    def _global_tokens(self, mb):
+        n = mb["response_mask"].sum().to(torch.float64)
+        if self.world > 1:
+            dist.all_reduce(n, group=self.group)
+        return float(n)
+
+    def train_policy(self, batch, step, minibatch, epochs):
+        a = self.cfg.algorithm
+        sums = {}
+        for epoch, k, mb in self._minibatches(batch, minibatch, epochs):
+            use_entropy = a.entropy_coeff != 0
+            lp, ent = self._token_logprobs(self.ddp, mb, with_entropy=True)
+            mask = mb["response_mask"].to(self.device)
+            ref = mb["ref_log_prob"].to(self.device) if a.kl_coef > 0 else None
+            loss, metrics = rlhfkern.actor_loss(
+                lp, mb["old_log_prob"].to(self.device), mb["advantages"].to(self.device), mask,
+                entropy=ent if use_entropy else None, entropy_coeff=a.entropy_coeff, ref_log_prob=ref,
+                kl_coef=a.kl_coef, kl_kind=a.kl_kind, clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c,
+                agg=a.loss_agg, dp_size=self.world, batch_num_tokens=self._global_tokens(mb),
+                global_batch_size=minibatch * self.world)
+            norm = self._step(loss, step, epoch, k)
+            _accumulate(sums, {"loss": loss, "grad_norm": norm, **metrics,
+                               "entropy": (ent.detach() * mask).sum() / mask.sum().clamp(min=1)})
+        return {f"actor/{k}": v for k, v in _means(sums).items()}
+
+    def train_value(self, batch, step, minibatch, epochs):
+        a = self.cfg.algorithm
+        sums = {}
+        for epoch, k, mb in self._minibatches(batch, minibatch, epochs):
+            mask = mb["response_mask"].to(self.device)
+            v = self._values(self.ddp, mb)
+            loss, clipfrac = rlhfkern.value_loss(v, mb["returns"].to(self.device), mb["values"].to(self.device), mask,
+                                                 clip=a.value_clip, agg=a.loss_agg, dp_size=self.world,
+                                                 batch_num_tokens=self._global_tokens(mb),
+                                                 global_batch_size=minibatch * self.world)
+            norm = self._step(loss, step, epoch, k)
+            _accumulate(sums, {"loss": loss, "clipfrac": clipfrac, "grad_norm": norm})
+        return {f"critic/{k}": v for k, v in _means(sums).items()}
+
+    # ---------------------------------------------------------------------------- weights
+    def named_tensors(self):
+        """The HF-named parameters (the layout rlhfkern.reshard.HFLayout describes)."""
+        return dict(self.model.named_parameters())
+
+    def offload(self):
+        """Weights, gradients and optimizer state to host memory (CUDA only; a no-op on CPU)."""
+        if self.device.type == "cuda" and not self.offloaded:
+            self._move("cpu")
+        self.offloaded = True
+
+    def onload(self):
+        if self.device.type == "cuda" and self.offloaded:
+            self._move(self.device)
+        self.offloaded = False
+
+    def _move(self, device):
+        self.model.to(device)
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.dim() > 0:
+                        state[k] = v.to(device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def save(self, path):
+        os.makedirs(path, exist_ok=True)
+        self.model.save_pretrained(path)
+        if self.optimizer is not None:
+            torch.save(self.optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+
+    def load(self, path):
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(path, "model.safetensors"), device=str(self.device))
+        self.model.load_state_dict(state, strict=False)
+        opt = os.path.join(path, "optimizer.pt")
+        if self.optimizer is not None and os.path.exists(opt):
+            self.optimizer.load_state_dict(torch.load(opt, map_location=self.device))
+
+    def memory_bytes(self):
+        """Bytes of the actual tensors: weights, gradients, optimizer state."""
+        params = list(self.model.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        opt = [v for s in (self.optimizer.state.values() if self.optimizer else ()) for v in s.values()
+               if torch.is_tensor(v)]
+        return {"weights": sum(p.nbytes for p in params), "gradients": sum(g.nbytes for g in grads),
+                "optimizer": sum(t.nbytes for t in opt)}
+
+
+BACKENDS = {"hf": HFBackend}
+
+
+class ModelWorker:
+    """The Ray actor of one rank of one model (created by the engine with ray.remote(...))."""
+
+    def __init__(self, cfg, name, rank, device, threads):
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        self.cfg, self.name, self.rank, self.device = cfg, name, rank, device
+        self.world = cfg.model(name).world
+        self.backend = None
+        self.groups = {}
+
+    def info(self):
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"model": self.name, "rank": self.rank, "node": ctx.get_node_id(), "gpus": ray.get_gpu_ids(),
+                "pid": os.getpid(), "placement_group": ctx.get_placement_group_id()}
+
+    def init_groups(self, init_method, world_rank, world_size, groups):
+        """Joins the engine's process world (gloo) and creates every subgroup in `groups` (the
+        same ordered list of (key, [world ranks], backend) on every process), then builds the
+        backend with its model's group."""
+        dist.init_process_group("gloo", init_method=init_method, rank=world_rank, world_size=world_size)
+        for key, ranks, backend in groups:
+            g = dist.new_group(ranks, backend=backend)
+            if world_rank in ranks:
+                self.groups[key] = g
+        device = self.device
+        if device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"
+        self.backend = BACKENDS[self.cfg.model(self.name).backend](
+            self.cfg, self.name, self.rank, self.world, device, self.groups.get(("model", self.name)))
+        return True
+
+    def call(self, method, *args, **kwargs):
+        """Any backend method by name (generate, logprobs, values, scores, train_policy, ...)."""
+        return getattr(self.backend, method)(*args, **kwargs)
+
+    # ---------------------------------------------------------------------------- weight sync
+    def sync_state(self):
+        """This trainer rank's weights for a colocated rollout (host tensors through Ray's object
+        store: shared memory on the node)."""
+        return {k: v.detach().to("cpu", copy=self.backend.device.type != "cpu") for k, v in
+                self.backend.named_tensors().items()}
+
+    def sync_load(self, plan, src_ranks, *src_shards):
+        """Colocated: the plan's transfers into this rollout rank, copied in this process from the
+        weights of the trainer ranks `src_ranks` (Ray resolves the object refs `src_shards`)."""
+        from ..reshard import apply
+
+        with torch.no_grad():
+            apply(plan, dict(zip(src_ranks, src_shards)), out={self.rank: self.backend.named_tensors()})
+        return True
+
+    def sync_run(self, plan, role):
+        """Separate pools: this process's part of the Resharder over the trainer+rollout group."""
+        from ..reshard import Resharder
+
+        mine = {self.rank: self.backend.named_tensors()}
+        with torch.no_grad():
+            Resharder(plan, group=self.groups["sync"]).run(mine if role == "src" else None,
+                                                          mine if role == "dst" else None)
+        return True
+
+    def weights(self):
+        """Every parameter as host tensors (tests compare trainer and rollout bitwise)."""
+        return {k: v.detach().cpu().clone() for k, v in self.backend.named_tensors().items()}
+
+    def shutdown(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return True

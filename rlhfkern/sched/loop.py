@@ -1,0 +1,420 @@
+"""The RLHF loop, written once against the actor interface and rlhfkern's ops.
+
+One step:  generate -> rewards -> reference and old log-probs -> values -> advantages ->
+PPO epochs (policy, value) -> weight sync to the rollout -> metrics.
+
+    engine = rlhfkern.Engine("config.yaml")      # or an EngineConfig
+    summary = engine.learn()                     # starts Ray and the actors if needed
+
+Rewards are outcome rewards: the weighted sum of the rule and model rewards is placed on the
+last response token. The KL to the reference enters the actor loss (`algorithm.kl_coef`,
+`kl_kind`), as verl's `use_kl_loss`. Advantages: ppo = GAE over the value model
+(`rlhfkern.gae`, whitened when `whiten_advantages`), grpo / rloo / reinforce_pp = the
+`rlhfkern` estimators. Old log-probs are recomputed by the policy trainer before its update.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import socket
+import time
+
+import torch
+
+import rlhfkern
+
+from . import tasks
+from .config import ConfigError, EngineConfig, load_callable, load_config
+from .placement import Placement
+
+PHASES = ("generate", "reward", "logprobs", "values", "advantages", "train", "sync")
+
+
+class RewardError(RuntimeError):
+    pass
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _split(x, parts):
+    """Contiguous, equal shards of a batch (a tensor, list or dict of them) along dim 0."""
+    if isinstance(x, dict):
+        shards = {k: _split(v, parts) for k, v in x.items()}
+        return [{k: shards[k][i] for k in x} for i in range(parts)]
+    n = len(x) // parts
+    return [x[i * n:(i + 1) * n] for i in range(parts)]
+
+
+def _cat(parts):
+    return torch.cat(parts) if torch.is_tensor(parts[0]) else [x for p in parts for x in p]
+
+
+def init_ray(num_devices, temp_dir=None):
+    """Ray for the engine: the running one, else a local one with `num_devices` logical GPUs
+    when torch sees none (so placement groups behave as on a cluster)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs = {}
+    if not torch.cuda.is_available():
+        kwargs["num_gpus"] = num_devices
+    ray.init(include_dashboard=False, log_to_driver=True, _temp_dir=temp_dir, configure_logging=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}}, **kwargs)
+
+
+class Engine:
+    def __init__(self, config, overrides=()):
+        self.cfg = config if isinstance(config, EngineConfig) else load_config(config, overrides)
+        c = self.cfg
+        self.task = tasks.DigitTask(c.data.task, c.data.min_digits, c.data.max_digits, c.data.eval_prompts,
+                                    c.data.seed)
+        self.rewards = {n: (r, load_callable(r.function) if r.kind == "rule" else None)
+                        for n, r in c.models.rewards.items()}
+        self.placement = Placement(c)
+        self.device = c.placement.device
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.workers = None
+        self.step = 0
+        self.history = []
+        self.rng = random.Random(c.train.seed)
+        self.phase_seconds = {p: 0.0 for p in PHASES}
+
+    # ------------------------------------------------------------------------------ start-up
+    def start(self):
+        """Ray, the placement groups, one actor per rank, their process groups, first sync."""
+        import ray
+
+        from .actors import ModelWorker
+
+        init_ray(self.placement.devices())
+        present = int(ray.cluster_resources().get("GPU", 0))
+        self.cfg.check(available_devices=present)
+        self.placement.create()
+        cls = ray.remote(ModelWorker)
+        threads = self.cfg.placement.threads_per_actor
+        self.workers = {name: [cls.options(**self.placement.actor_options(name, r)).remote(self.cfg, name, r, self.device,
+                                                                                           threads)
+                               for r in range(self.cfg.model(name).world)]
+                        for name in self.cfg.model_names()}
+        order = [(n, r) for n in self.cfg.model_names() for r in range(self.cfg.model(n).world)]
+        index = {k: i for i, k in enumerate(order)}
+        nccl = "nccl" if self.device == "cuda" else "gloo"
+        groups = [(("model", n), [index[(n, r)] for r in range(self.cfg.model(n).world)], nccl)
+                  for n in self.cfg.model_names() if self.cfg.model(n).world > 1]
+        self.colocated_sync = self.cfg.colocated("policy", "rollout")
+        if not self.colocated_sync:
+            groups.append(("sync", [index[("policy", r)] for r in range(self.cfg.models.policy.world)]
+                           + [index[("rollout", r)] for r in range(self.cfg.models.rollout.world)], nccl))
+        init = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+        ray.get([self.workers[n][r].init_groups.remote(init, index[(n, r)], len(order), groups) for n, r in order])
+        self.sync_plan = ray.put(self._plan())
+        self._sync()
+        return self
+
+    def _plan(self):
+        from ..reshard import HFLayout, ModelSpec, ReplicatedLayout, plan_reshard
+
+        spec = ModelSpec.from_hf_config(self.cfg.hf_config("policy"))
+        m = self.cfg.models
+        return plan_reshard(ReplicatedLayout(HFLayout(spec), m.policy.world), ReplicatedLayout(HFLayout(spec), m.rollout.world),
+                            colocated=self.colocated_sync, dtype=getattr(torch, m.policy.dtype))
+
+    def shutdown(self):
+        import ray
+
+        if self.workers:
+            ray.get([w.shutdown.remote() for ws in self.workers.values() for w in ws])
+            for ws in self.workers.values():
+                for w in ws:
+                    ray.kill(w)
+        self.placement.remove()
+        self.workers = None
+
+    # ------------------------------------------------------------------------------ helpers
+    def _ranks(self, name):
+        return self.workers[name]
+
+    def _scatter(self, name, method, batch, *args):
+        """Calls `method` on every rank of `name` with its shard of `batch`; futures."""
+        ranks = self._ranks(name)
+        return [w.call.remote(method, shard, *args) for w, shard in zip(ranks, _split(batch, len(ranks)))]
+
+    def _gather(self, futures):
+        import ray
+
+        out = ray.get(futures)
+        if isinstance(out[0], tuple):
+            return tuple(_cat([o[i] for o in out]) if out[0][i] is not None else None for i in range(len(out[0])))
+        return _cat(out)
+
+    @contextlib.contextmanager
+    def _phase(self, name, models):
+        """Times a phase; with offload on CUDA, the colocated models that do not run in it leave
+        the device and those that do come back."""
+        import ray
+
+        calls = []
+        if self.device == "cuda" and self.cfg.placement.offload:
+            grouped = {n for g in self.cfg.placement.colocate for n in g}
+            for n in grouped:
+                calls += [w.call.remote("onload" if n in models else "offload") for w in self._ranks(n)]
+            ray.get(calls)
+        t0 = time.perf_counter()
+        yield
+        self.phase_seconds[name] += time.perf_counter() - t0
+
+    def _generate(self, prompts, seed, greedy=False):
+        """Futures of (responses, mask) per rollout rank; seeds differ per rank, not per topology."""
+        ranks = self._ranks("rollout")
+        return [w.call.remote("generate", shard, seed * 1000003 + i, greedy)
+                for i, (w, shard) in enumerate(zip(ranks, _split(prompts, len(ranks))))]
+
+    def _prompts(self):
+        c = self.cfg
+        prompts = self.task.train_prompts(c.train.prompts_per_step, self.rng)
+        G = c.rollout.samples_per_prompt
+        return [p for p in prompts for _ in range(G)]
+
+    def evaluate(self):
+        """Exact-match accuracy of greedy answers on the held-out prompts."""
+        with self._phase("generate", {"rollout"}):
+            responses, mask = self._gather(self._generate(self.task.eval_set, 0, greedy=True))
+        hits = [tasks.exact(self.cfg.data.task, p, r[:int(m.sum())].tolist())
+                for p, r, m in zip(self.task.eval_set, responses, mask)]
+        return sum(hits) / len(hits)
+
+    def _rewards(self, prompts, responses, mask, batch):
+        """Per-sequence reward: sum of weight * each reward; checked for length and finiteness."""
+        import ray
+
+        total = torch.zeros(len(prompts), dtype=torch.float32)
+        parts = {}
+        resp_lists = [r[:int(m.sum())].tolist() for r, m in zip(responses, mask)]
+        for name, (rc, fn) in self.rewards.items():
+            where = f"reward {name!r} ({rc.function or 'model'}) at step {self.step + 1}, batch of {len(prompts)} sequences"
+            if fn is not None:
+                try:
+                    out = fn(prompts, resp_lists)
+                except Exception as e:
+                    raise RewardError(f"{where} raised {type(e).__name__}: {e}") from e
+                try:
+                    out = torch.as_tensor(list(out), dtype=torch.float32)
+                except Exception as e:
+                    raise RewardError(f"{where} returned {type(out).__name__}, expected a list of floats") from e
+            else:
+                out = self._gather(self._scatter(f"reward:{name}", "scores", batch))
+            if out.shape != (len(prompts),):
+                raise RewardError(f"{where} returned {out.numel()} values for {len(prompts)} sequences")
+            if not torch.isfinite(out).all():
+                raise RewardError(f"{where} returned a non-finite value")
+            parts[name] = out
+            total += rc.weight * out
+        return total, parts
+
+    def _advantages(self, batch, scores):
+        a, mask = self.cfg.algorithm, batch["response_mask"]
+        last = (mask.sum(1) - 1).clamp(min=0)
+        rewards = torch.zeros(mask.shape, dtype=torch.float32)
+        rewards[torch.arange(len(scores)), last] = scores
+        index = batch["index"]
+        if a.name == "ppo":
+            adv, ret = rlhfkern.gae(rewards, batch["values"], mask, a.gamma, a.lam, whiten=a.whiten_advantages)
+            batch["returns"] = ret
+        elif a.name == "grpo":
+            adv = rlhfkern.grpo_advantage(rewards, mask, index, norm_by_std=a.norm_adv_by_std)
+        elif a.name == "rloo":
+            adv = rlhfkern.rloo_advantage(rewards, mask, index)
+        else:
+            adv, _ = rlhfkern.reinforce_pp_advantage(rewards, mask, a.gamma)
+        batch["advantages"] = adv
+
+    def _sync(self):
+        """Policy trainer -> rollout weights (rlhfkern.reshard plan). Colocated: every rollout rank
+        copies, in its process, from the trainer ranks the plan names (shared memory through
+        Ray's object store). Separate: the Resharder over the trainer+rollout process group."""
+        import ray
+
+        plan_ref = self.sync_plan
+        trainers, rollouts = self._ranks("policy"), self._ranks("rollout")
+        with self._phase("sync", {"policy", "rollout"}):
+            if self.colocated_sync:
+                plan = ray.get(plan_ref)
+                states = {}
+                calls = []
+                for i, w in enumerate(rollouts):
+                    src = sorted({t.src_rank for t in plan.transfers for r, _, _ in t.dsts if r == i})
+                    for s in src:
+                        if s not in states:
+                            states[s] = trainers[s].sync_state.remote()
+                    calls.append(w.sync_load.remote(plan_ref, src, *[states[s] for s in src]))
+                ray.get(calls)
+            else:
+                ray.get([w.sync_run.remote(plan_ref, "src") for w in trainers]
+                        + [w.sync_run.remote(plan_ref, "dst") for w in rollouts])
+
+    # ------------------------------------------------------------------------------ one step
+    def _make_batch(self, prompts, responses, mask):
+        P = max(map(len, prompts))
+        ids = torch.full((len(prompts), P), tasks.PAD, dtype=torch.int64)
+        am = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p)
+            am[i, P - len(p):] = 1
+        G = self.cfg.rollout.samples_per_prompt
+        return {"input_ids": torch.cat([ids, responses], 1), "attention_mask": torch.cat([am, mask], 1),
+                "response_mask": mask, "index": torch.arange(len(prompts)) // G}
+
+    def train_step(self, prompts, generated):
+        """One step on a batch whose generation futures are `generated`; returns its metrics."""
+        import ray
+
+        c, a = self.cfg, self.cfg.algorithm
+        t_step = time.perf_counter()
+        with self._phase("generate", {"rollout"}):
+            responses, mask = self._gather(generated)
+        batch = self._make_batch(prompts, responses, mask)
+        with self._phase("reward", {n for n in c.model_names() if n.startswith("reward:")}):
+            scores, parts = self._rewards(prompts, responses, mask, batch)
+        with self._phase("logprobs", {"policy", "reference"}):
+            old = self._scatter("policy", "logprobs", batch, False)
+            ref = self._scatter("reference", "logprobs", batch, False) if c.models.reference else None
+            batch["old_log_prob"], _ = self._gather(old)
+            if ref is not None:
+                batch["ref_log_prob"], _ = self._gather(ref)
+        if a.name == "ppo":
+            with self._phase("values", {"value"}):
+                batch["values"] = self._gather(self._scatter("value", "values", batch))
+        with self._phase("advantages", set()):
+            self._advantages(batch, scores)
+        metrics = {}
+        with self._phase("train", {"policy", "value"}):
+            jobs = []
+            for name, method in (("policy", "train_policy"), ("value", "train_value")):
+                if getattr(c.models, name) is None:
+                    continue
+                dp = c.model(name).dp
+                jobs.append(self._scatter(name, method, batch, self.step + 1, c.train.minibatch_sequences // dp,
+                                          c.train.ppo_epochs))
+                if c.colocated("policy", "value"):  # time-shared: one after the other
+                    metrics.update(self._train_results(jobs.pop()))
+            for job in jobs:
+                metrics.update(self._train_results(job))
+        self._sync()
+        tokens = int(mask.sum())
+        seconds = time.perf_counter() - t_step
+        metrics.update({"step": self.step + 1, "reward": float(scores.mean()),
+                        **{f"reward/{n}": float(v.mean()) for n, v in parts.items()},
+                        "response_tokens": tokens / len(prompts), "tokens_generated": tokens,
+                        "tokens_trained": tokens * c.train.ppo_epochs, "seconds": seconds,
+                        "tokens_per_second": tokens / seconds})
+        return metrics
+
+    def _train_results(self, futures):
+        import ray
+
+        try:
+            per_rank = ray.get(futures)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            if "NonFiniteLoss" in type(cause).__name__ or "NonFiniteLoss" in str(e):
+                raise TrainingError(str(cause).splitlines()[-1] if str(cause) else str(e)) from None
+            raise
+        return {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
+
+    # ------------------------------------------------------------------------------ the loop
+    def learn(self, steps=None):
+        """Runs `train.steps` steps (or `steps`), evaluating every `train.eval_every_steps`;
+        writes the run folder; returns the summary (metric at the start and the end, time per
+        phase)."""
+        from .report import RunLog
+
+        c = self.cfg
+        if self.workers is None:
+            self.start()
+        steps = c.train.steps if steps is None else steps
+        log = RunLog(c, steps)
+        try:
+            start_metric = self.evaluate()
+            log.eval(self.step, start_metric)
+            t0 = time.perf_counter()
+            off = c.rollout.off_policy_steps if not self.colocated_sync else 0
+            prompts = self._prompts()
+            pending = self._generate(prompts, self._seed())
+            for i in range(steps):
+                ahead = off and i + 1 < steps
+                if ahead:  # the next batch is generated with the current rollout weights, while this trains
+                    next_prompts = self._prompts()
+                    next_pending = self._generate(next_prompts, self._seed(1))
+                metrics = self.train_step(prompts, pending)
+                self.step += 1
+                if c.train.eval_every_steps and self.step % c.train.eval_every_steps == 0 and self.step < steps:
+                    metrics["eval/exact"] = self.evaluate()
+                if self.step == steps:
+                    metrics["eval/exact"] = self.evaluate()
+                self._check_finite(metrics)
+                self.history.append(metrics)
+                log.step(metrics)
+                if c.checkpoint.every_steps and self.step % c.checkpoint.every_steps == 0:
+                    self.save(os.path.join(c.checkpoint.dir or os.path.join(c.logging.run_dir, "checkpoints"),
+                                           f"step_{self.step}"))
+                if self.step < steps:
+                    if ahead:
+                        prompts, pending = next_prompts, next_pending
+                    else:
+                        prompts = self._prompts()
+                        pending = self._generate(prompts, self._seed())
+            summary = {"eval_start": start_metric, "eval_end": self.history[-1]["eval/exact"] if self.history else start_metric,
+                       "steps": self.step, "seconds": time.perf_counter() - t0,
+                       "phase_seconds": dict(self.phase_seconds)}
+            log.finish(summary)
+            return summary
+        finally:
+            log.close()
+
+    def _seed(self, ahead=0):
+        return self.cfg.train.seed * 7919 + self.step + ahead + 1
+
+    def _check_finite(self, metrics):
+        for k, v in metrics.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise TrainingError(f"step {metrics['step']}: metric {k} is {v}")
+
+    def save(self, path):
+        """Each trainer rank's model and optimizer under path/<model>/rank_<r>, and the loop state."""
+        import ray
+
+        ray.get([w.call.remote("save", os.path.join(path, name, f"rank_{r}"))
+                 for name in ("policy", "value") if getattr(self.cfg.models, name) is not None
+                 for r, w in enumerate(self._ranks(name))])
+        with open(os.path.join(path, "engine.json"), "w") as f:
+            json.dump({"step": self.step, "rng": self.rng.getstate()[1]}, f)
+
+    def weights(self, name, rank=0):
+        import ray
+
+        return ray.get(self._ranks(name)[rank].weights.remote())
+
+
+def run(config_path, overrides=()):
+    """`rlhfkern train`: plan report, learn, shutdown; returns the summary."""
+    try:
+        engine = Engine(config_path, overrides)
+    except ConfigError:
+        raise
+    try:
+        return engine.learn()
+    finally:
+        engine.shutdown()

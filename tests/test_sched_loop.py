@@ -1,0 +1,119 @@
+"""The engine's loop on Ray (logical GPUs, CPU tensors): determinism, colocated == separate,
+bitwise weight sync, learning (GRPO and PPO raise the held-out metric), reward and loss errors."""
+
+import math
+
+import pytest
+import torch
+
+import sched_rewards
+from rlhfkern.sched.config import default_config_path, load_config
+from rlhfkern.sched.loop import Engine, RewardError, TrainingError
+
+SHIPPED = default_config_path().rsplit("/", 1)[0]
+TIMING = ("seconds", "tokens_per_second")
+QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.plot=false"]
+
+
+def engine(tmp_path, name="default.yaml", *overrides):
+    cfg = load_config(f"{SHIPPED}/{name}", [f"logging.run_dir={tmp_path}", *QUIET, *overrides])
+    return Engine(cfg)
+
+
+def run(tmp_path, name, steps, *overrides):
+    e = engine(tmp_path, name, *overrides)
+    try:
+        summary = e.learn(steps)
+        return summary, [{k: v for k, v in m.items() if k not in TIMING} for m in e.history]
+    finally:
+        e.shutdown()
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# the separate topology: the rollout in a pool of its own, synced through the Resharder
+SEPARATE = ["placement.colocate=[[policy,reference]]", "placement.devices_per_node=2"]
+SHORT = ["train.prompts_per_step=8", "rollout.samples_per_prompt=4", "train.minibatch_sequences=16",
+         "data.eval_prompts=32", "train.eval_every_steps=0"]
+
+
+def test_same_seed_same_metrics_and_colocated_equals_separate(ray_gpus, tmp_path):
+    _, first = run(tmp_path / "a", "default.yaml", 3, *SHORT)
+    _, again = run(tmp_path / "b", "default.yaml", 3, *SHORT)
+    _, separate = run(tmp_path / "c", "default.yaml", 3, *SHORT, *SEPARATE)
+    assert len(first) == 3 and first[0]["actor/loss"] != 0
+    assert first == again
+    assert first == separate
+
+
+@pytest.mark.parametrize("topology", ["colocated", "separate"])
+def test_rollout_weights_equal_trainer_weights_after_each_sync(ray_gpus, tmp_path, topology):
+    e = engine(tmp_path, "default.yaml", *SHORT, *(SEPARATE if topology == "separate" else []))
+    try:
+        e.start()
+        before = e.weights("policy")
+        assert_same_weights(before, e.weights("rollout"))
+        assert_same_weights(before, e.weights("reference"))  # same seed, same initial weights
+        for _ in range(2):
+            e.learn(1)
+            trained = e.weights("policy")
+            assert_same_weights(trained, e.weights("rollout"))
+            assert any(not torch.equal(trained[k], before[k]) for k in trained)  # it did train
+            before = trained
+        assert not all(torch.equal(trained[k], v) for k, v in e.weights("reference").items())
+    finally:
+        e.shutdown()
+
+
+def test_off_policy_overlap_runs_with_one_step_stale_rollout(ray_gpus, tmp_path):
+    summary, history = run(tmp_path, "default.yaml", 3, *SHORT, *SEPARATE, "rollout.off_policy_steps=1")
+    assert [m["step"] for m in history] == [1, 2, 3]
+    assert all(math.isfinite(m["actor/loss"]) for m in history)
+    _, on_policy = run(tmp_path / "on", "default.yaml", 3, *SHORT, *SEPARATE)
+    assert history[0]["reward"] == on_policy[0]["reward"]  # step 1: both sample the initial policy
+    assert history[1]["reward"] != on_policy[1]["reward"]  # step 2: the overlapped batch is one step stale
+
+
+def test_grpo_raises_the_held_out_metric(ray_gpus, tmp_path):
+    summary, history = run(tmp_path, "default.yaml", 100, "train.eval_every_steps=0")
+    assert summary["eval_start"] == 0.0
+    assert summary["eval_end"] >= 0.2, summary
+    assert history[-1]["reward"] > history[0]["reward"] + 0.3
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_ppo_raises_the_held_out_metric(ray_gpus, tmp_path):
+    summary, history = run(tmp_path, "ppo_separate.yaml", 120, "train.eval_every_steps=0")
+    assert summary["eval_end"] >= summary["eval_start"] + 0.2, summary
+    assert all(math.isfinite(m["critic/loss"]) for m in history)
+
+
+def test_rule_reward_errors_name_the_function_and_the_batch(ray_gpus, tmp_path):
+    e = engine(tmp_path, "default.yaml", *SHORT, "models.rewards={flaky: {kind: rule, function: 'sched_rewards:flaky_reward'}}")
+    try:
+        sched_rewards.MODE["kind"] = "raise"
+        with pytest.raises(RewardError, match=r"'flaky' \(sched_rewards:flaky_reward\) at step 1, batch of 32 "
+                                              r"sequences raised KeyError"):
+            e.learn(1)
+        sched_rewards.MODE["kind"] = "short"
+        e.history.clear()
+        with pytest.raises(RewardError, match=r"sched_rewards:flaky_reward.*returned 31 values for 32 sequences"):
+            e.learn(1)
+    finally:
+        sched_rewards.MODE["kind"] = "ok"
+        e.shutdown()
+
+
+def test_nan_loss_stops_the_run_with_its_step(ray_gpus, tmp_path):
+    e = engine(tmp_path, "default.yaml", *SHORT, "models.policy.optimizer.lr=1.0e+30",
+               "models.policy.optimizer.grad_clip_norm=null")
+    try:
+        with pytest.raises(TrainingError, match=r"step \d+: policy loss is nan .*the update was not applied"):
+            e.learn(5)
+        assert len(e.history) < 5  # the failing step left no metrics behind
+    finally:
+        e.shutdown()
