@@ -5,10 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch==2.13.0 is pinned in the same command as the rest: anything else pulls a 5 GB CUDA build.
 DEPS := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark ninja pybind11 setuptools wheel \
+        ray==2.60.0 pydantic pyyaml transformers tqdm matplotlib tensorboard \
         verl==0.9.1 trl==1.16.0 megatron-core==0.16.1
 BENCH_ARGS ?=
 
-.PHONY: deps build test test-vllm bench info cuda-check cuda-build-check gpu-check gpu-site clean
+.PHONY: deps build train plan test test-vllm bench info cuda-check cuda-build-check gpu-check gpu-site clean
 
 $(BIN)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,17 @@ deps: $(BIN)/.deps-installed
 
 build: deps
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
+
+# The main job: the shipped RLHF run (GRPO on a task generated in code, a tiny model made from
+# a config, Ray with a logical GPU on a machine without one). CONFIG=... runs another config;
+# ARGS='train.steps=50 ...' overrides keys.
+CONFIG ?=
+ARGS ?=
+train: build
+	$(BIN)/rlhfkern train $(CONFIG) $(ARGS)
+
+plan: build
+	$(BIN)/rlhfkern plan $(CONFIG) $(ARGS)
 
 test: build
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
@@ -63,12 +75,13 @@ cuda-build-check:
 	cd / && $(CUDA_VENV)/bin/python -m rlhfkern info
 
 # On a GPU machine whose python already has CUDA torch, triton, pytest and pytest-benchmark (no
-# network there, no venv): build with CUDA (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise),
+# network there, no venv): build with CUDA for GPU_ARCHES (default 9.0, i.e. sm_90),
 # `rlhfkern info`, the GPU-relevant tests, the GPU benchmarks -> bench/results/<card>.md and a
 # pass/fail summary bench/results/<card>-check.md. The steps: bench/gpu_check.sh.
 GPU_PYTHON ?= python3
+GPU_ARCHES ?= 9.0
 gpu-check:
-	GPU_PYTHON=$(GPU_PYTHON) bash bench/gpu_check.sh
+	GPU_PYTHON=$(GPU_PYTHON) GPU_ARCHES="$(GPU_ARCHES)" bash bench/gpu_check.sh
 
 # Pure-Python test dependencies for a GPU machine without network (OpenRLHF's loss module, which
 # the drop-in tests load): copied from the dev venv into .gpu_site/ (ignored), which

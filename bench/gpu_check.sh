@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check`: the GPU tier, on a machine with an NVIDIA GPU whose python already holds CUDA
 # torch, triton, pytest and pytest-benchmark (the lent device image: no network, no venv).
-#   1. build rlhfkern._C with CUDA for $TORCH_CUDA_ARCH_LIST (default 9.0), editable, in place
+#   1. build rlhfkern._C with CUDA for $GPU_ARCHES (default 9.0), editable, in place
 #   2. python -m rlhfkern info (must report cuda=True and the cuda and triton backends)
 #   3. the GPU-relevant tests, every backend on CUDA tensors: test_gae, test_ppo_loss,
 #      test_advantages, test_logprob, test_gpu (in parallel when pytest-xdist is there)
@@ -11,7 +11,8 @@
 # Tests that need a package this python lacks (verl, trl, openrlhf) are deselected by name and
 # listed in the summary. Pure-Python packages can travel in .gpu_site/ (`make gpu-site` fills it
 # from the dev venv); it goes first on PYTHONPATH.
-# Environment: GPU_PYTHON (python3), CUDA_HOME (found from nvcc), TORCH_CUDA_ARCH_LIST (9.0),
+# Environment: GPU_PYTHON (python3), CUDA_HOME (found from nvcc), GPU_ARCHES (9.0: the build's
+# TORCH_CUDA_ARCH_LIST; an image's own TORCH_CUDA_ARCH_LIST, e.g. 9.0a, is not inherited),
 # MAX_JOBS (16), TEST_WORKERS (8), RESULTS (bench/results), BUILD_TIMEOUT/TEST_TIMEOUT/BENCH_TIMEOUT
 # (seconds per step), GPU_CHECK_OUT (a folder to copy the log, the tables and the test report to).
 set -uo pipefail
@@ -29,7 +30,7 @@ if [ -z "${CUDA_HOME:-}" ]; then
   fi
 fi
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST=${GPU_ARCHES:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 [ -d .gpu_site ] && export PYTHONPATH=$PWD/.gpu_site${PYTHONPATH:+:$PYTHONPATH}
 
 CARD=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
