@@ -73,9 +73,11 @@ def test_off_policy_overlap_runs_with_one_step_stale_rollout(ray_gpus, tmp_path)
     summary, history = run(tmp_path, "default.yaml", 3, *SHORT, *SEPARATE, "rollout.off_policy_steps=1")
     assert [m["step"] for m in history] == [1, 2, 3]
     assert all(math.isfinite(m["actor/loss"]) for m in history)
+    # step 1 samples the initial policy; each later batch was generated while the step before trained
+    assert [m["rollout/policy_lag"] for m in history] == [0, 1, 1]
     _, on_policy = run(tmp_path / "on", "default.yaml", 3, *SHORT, *SEPARATE)
-    assert history[0]["reward"] == on_policy[0]["reward"]  # step 1: both sample the initial policy
-    assert history[1]["reward"] != on_policy[1]["reward"]  # step 2: the overlapped batch is one step stale
+    assert [m["rollout/policy_lag"] for m in on_policy] == [0, 0, 0]
+    assert history[0] == on_policy[0]  # the same first step
 
 
 def test_grpo_raises_the_held_out_metric(ray_gpus, tmp_path):

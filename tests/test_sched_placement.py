@@ -2,11 +2,8 @@
 against real tensors, the memory check and the plan's text. One Ray instance for the module."""
 
 import copy
-import os
 import re
-import shutil
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -42,22 +39,12 @@ def config(base, **placement):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(ray_gpus):
     import ray
     from ray import cloudpickle
 
-    tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    yield ray
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
-    shutil.rmtree(tmp, ignore_errors=True)
+    return ray
 
 
 def _where():

@@ -9,12 +9,15 @@ def main(command, config_path=None, overrides=()):
     path = config_path or default_config_path()
     try:
         cfg = load_config(path, overrides)
-        from .placement import plan_text
-
-        print(plan_text(cfg))
         if command == "plan":
+            from .memory import check_memory, estimate
+            from .placement import plan_text
+
+            memory = estimate(cfg)
+            print(plan_text(cfg, memory))
+            check_memory(memory)
             return 0
-        from .loop import Engine
+        from .loop import Engine  # prints the same report, with nodes and GPUs, once placed
 
         engine = Engine(cfg)
         try:

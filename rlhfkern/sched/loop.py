@@ -27,6 +27,7 @@ import rlhfkern
 
 from . import tasks
 from .config import ConfigError, EngineConfig, load_callable, load_config
+from .memory import check_memory, estimate
 from .placement import Placement
 
 PHASES = ("generate", "reward", "logprobs", "values", "advantages", "train", "sync")
@@ -88,6 +89,7 @@ class Engine:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.workers = None
         self.step = 0
+        self.rollout_version = 0  # the policy step whose weights the rollout holds (last sync)
         self.history = []
         self.rng = random.Random(c.train.seed)
         self.phase_seconds = {p: 0.0 for p in PHASES}
@@ -99,10 +101,14 @@ class Engine:
 
         from .actors import ModelWorker
 
+        memory = estimate(self.cfg, self.device)
+        check_memory(memory)
         init_ray(self.placement.devices())
         present = int(ray.cluster_resources().get("GPU", 0))
         self.cfg.check(available_devices=present)
         self.placement.create()
+        if self.cfg.logging.progress:
+            print(self.placement.report(memory), flush=True)
         cls = ray.remote(ModelWorker)
         threads = self.cfg.placement.threads_per_actor
         self.workers = {name: [cls.options(**self.placement.actor_options(name, r)).remote(self.cfg, name, r, self.device,
@@ -121,7 +127,7 @@ class Engine:
         init = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
         ray.get([self.workers[n][r].init_groups.remote(init, index[(n, r)], len(order), groups) for n, r in order])
         self.sync_plan = ray.put(self._plan())
-        self._sync()
+        self._sync(self.step)
         return self
 
     def _plan(self):
@@ -179,8 +185,9 @@ class Engine:
     def _generate(self, prompts, seed, greedy=False):
         """Futures of (responses, mask) per rollout rank; seeds differ per rank, not per topology."""
         ranks = self._ranks("rollout")
-        return [w.call.remote("generate", shard, seed * 1000003 + i, greedy)
-                for i, (w, shard) in enumerate(zip(ranks, _split(prompts, len(ranks))))]
+        futures = [w.call.remote("generate", shard, seed * 1000003 + i, greedy)
+                   for i, (w, shard) in enumerate(zip(ranks, _split(prompts, len(ranks))))]
+        return futures, self.rollout_version
 
     def _prompts(self):
         c = self.cfg
@@ -191,7 +198,7 @@ class Engine:
     def evaluate(self):
         """Exact-match accuracy of greedy answers on the held-out prompts."""
         with self._phase("generate", {"rollout"}):
-            responses, mask = self._gather(self._generate(self.task.eval_set, 0, greedy=True))
+            responses, mask = self._gather(self._generate(self.task.eval_set, 0, greedy=True)[0])
         hits = [tasks.exact(self.cfg.data.task, p, r[:int(m.sum())].tolist())
                 for p, r, m in zip(self.task.eval_set, responses, mask)]
         return sum(hits) / len(hits)
@@ -241,7 +248,7 @@ class Engine:
             adv, _ = rlhfkern.reinforce_pp_advantage(rewards, mask, a.gamma)
         batch["advantages"] = adv
 
-    def _sync(self):
+    def _sync(self, version):
         """Policy trainer -> rollout weights (rlhfkern.reshard plan). Colocated: every rollout rank
         copies, in its process, from the trainer ranks the plan names (shared memory through
         Ray's object store). Separate: the Resharder over the trainer+rollout process group."""
@@ -264,6 +271,7 @@ class Engine:
             else:
                 ray.get([w.sync_run.remote(plan_ref, "src") for w in trainers]
                         + [w.sync_run.remote(plan_ref, "dst") for w in rollouts])
+        self.rollout_version = version
 
     # ------------------------------------------------------------------------------ one step
     def _make_batch(self, prompts, responses, mask):
@@ -278,7 +286,10 @@ class Engine:
                 "response_mask": mask, "index": torch.arange(len(prompts)) // G}
 
     def train_step(self, prompts, generated):
-        """One step on a batch whose generation futures are `generated`; returns its metrics."""
+        """One step on a batch being generated (`generated`: the futures and the policy version
+        the rollout had); returns its metrics. rollout/policy_lag = updates the batch's sampling
+        policy is behind the policy being trained (0 on-policy)."""
+        generated, version = generated
         import ray
 
         c, a = self.cfg, self.cfg.algorithm
@@ -312,12 +323,12 @@ class Engine:
                     metrics.update(self._train_results(jobs.pop()))
             for job in jobs:
                 metrics.update(self._train_results(job))
-        self._sync()
+        self._sync(self.step + 1)
         tokens = int(mask.sum())
         seconds = time.perf_counter() - t_step
         metrics.update({"step": self.step + 1, "reward": float(scores.mean()),
                         **{f"reward/{n}": float(v.mean()) for n, v in parts.items()},
-                        "response_tokens": tokens / len(prompts), "tokens_generated": tokens,
+                        "rollout/policy_lag": self.step - version, "response_tokens": tokens / len(prompts), "tokens_generated": tokens,
                         "tokens_trained": tokens * c.train.ppo_epochs, "seconds": seconds,
                         "tokens_per_second": tokens / seconds})
         return metrics
@@ -345,7 +356,8 @@ class Engine:
         if self.workers is None:
             self.start()
         steps = c.train.steps if steps is None else steps
-        log = RunLog(c, steps)
+        end = self.step + steps  # learn() may be called again: it continues from self.step
+        log = RunLog(c, steps, append=self.step > 0)
         try:
             start_metric = self.evaluate()
             log.eval(self.step, start_metric)
@@ -360,9 +372,7 @@ class Engine:
                     next_pending = self._generate(next_prompts, self._seed(1))
                 metrics = self.train_step(prompts, pending)
                 self.step += 1
-                if c.train.eval_every_steps and self.step % c.train.eval_every_steps == 0 and self.step < steps:
-                    metrics["eval/exact"] = self.evaluate()
-                if self.step == steps:
+                if self.step == end or (c.train.eval_every_steps and self.step % c.train.eval_every_steps == 0):
                     metrics["eval/exact"] = self.evaluate()
                 self._check_finite(metrics)
                 self.history.append(metrics)
@@ -370,14 +380,14 @@ class Engine:
                 if c.checkpoint.every_steps and self.step % c.checkpoint.every_steps == 0:
                     self.save(os.path.join(c.checkpoint.dir or os.path.join(c.logging.run_dir, "checkpoints"),
                                            f"step_{self.step}"))
-                if self.step < steps:
+                if self.step < end:
                     if ahead:
                         prompts, pending = next_prompts, next_pending
                     else:
                         prompts = self._prompts()
                         pending = self._generate(prompts, self._seed())
-            summary = {"eval_start": start_metric, "eval_end": self.history[-1]["eval/exact"] if self.history else start_metric,
-                       "steps": self.step, "seconds": time.perf_counter() - t0,
+            summary = {"eval_start": start_metric, "eval_end": self.history[-1]["eval/exact"],
+                       "steps": steps, "seconds": time.perf_counter() - t0,
                        "phase_seconds": dict(self.phase_seconds)}
             log.finish(summary)
             return summary

@@ -12,8 +12,9 @@ Phases of a step, in order, and the models each runs (rule rewards run on the ho
 Static state of a model (exact): weights = its parameters (buffers such as rotary tables are not
 counted); trainers (policy, value) add gradients (one per parameter, in its dtype) and torch
 AdamW state (exp_avg and exp_avg_sq in the parameter's dtype, plus a float32 `step` scalar per
-parameter tensor: 2 * weights + 4 * tensors). Architectures: policy, rollout and reference are
-AutoModelForCausalLM; value and reward models are an AutoModel backbone + Linear(hidden, 1) `head`.
+parameter tensor: 2 * weights + 4 * tensors). The modules are the actors' own (actors.build_model:
+a causal LM for policy, rollout and reference, a one-label token classifier for the value model,
+a one-label sequence classifier for reward models).
 
 Residency rule: a model in a colocation group, with placement.offload on CUDA, holds nothing on
 the device outside its phases and its whole state during them; every other model (not colocated,
@@ -37,8 +38,6 @@ Not counted: the CUDA context, allocator fragmentation, DDP's gradient buckets.
 """
 
 import dataclasses
-import functools
-import json
 
 import torch
 
@@ -125,26 +124,23 @@ def _dtype(name):
     return getattr(torch, name)
 
 
-@functools.lru_cache(maxsize=32)
-def _model_memory(name, source_json, dtype, causal_lm, trainable):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+_MODELS = {}
 
-    source = json.loads(source_json)
-    if source["path"] is not None:
-        hf = AutoConfig.from_pretrained(source["path"])
-    else:
-        kw = dict(source["hf_config"])
-        hf = AutoConfig.for_model(kw.pop("model_type"), **kw)
-    with torch.device("meta"):
-        if causal_lm:
-            model = AutoModelForCausalLM.from_config(hf, dtype=_dtype(dtype))
-        else:
-            model = AutoModel.from_config(hf, dtype=_dtype(dtype))
-            model.head = torch.nn.Linear(hf.hidden_size, 1, dtype=_dtype(dtype))
+
+def _model_memory(cfg, name, causal_lm, trainable):
+    """Counted on the very module the actor builds (actors.build_model), on the meta device."""
+    from .actors import build_model
+
+    dtype = cfg.model(name).dtype
+    key = (name, cfg.source(name).model_dump_json(), dtype)
+    if key in _MODELS:
+        return _MODELS[key]
+    model = build_model(cfg, name, 0, device="meta")
+    hf = model.config
     params = list(model.parameters())  # shared (tied) parameters once
     weights = sum(p.numel() * p.element_size() for p in params)
     heads = hf.num_attention_heads
-    return ModelMemory(
+    _MODELS[key] = ModelMemory(
         name=name, dtype=dtype, params=sum(p.numel() for p in params), tensors=len(params),
         weights=weights, gradients=weights if trainable else 0,
         optimizer=2 * weights + 4 * len(params) if trainable else 0, causal_lm=causal_lm,
@@ -153,13 +149,13 @@ def _model_memory(name, source_json, dtype, causal_lm, trainable):
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
         intermediate=getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
         vocab=hf.vocab_size)
+    return _MODELS[key]
 
 
 def model_memory(cfg, name):
     """The exact static numbers of model `name` (policy, rollout, reference, value, reward:<n>)."""
     causal_lm = not (name == "value" or name.startswith("reward:"))
-    source = cfg.source(name).model_dump_json()
-    return _model_memory(name, source, cfg.model(name).dtype, causal_lm, name in TRAINERS)
+    return _model_memory(cfg, name, causal_lm, name in TRAINERS)
 
 
 def _working_set(m, b, s, s_kv):

@@ -7,11 +7,11 @@ import os
 
 
 class RunLog:
-    def __init__(self, cfg, steps):
+    def __init__(self, cfg, steps, append=False):
         self.cfg = cfg.logging
         self.dir = self.cfg.run_dir
         os.makedirs(self.dir, exist_ok=True)
-        self.jsonl = open(os.path.join(self.dir, "metrics.jsonl"), "w")
+        self.jsonl = open(os.path.join(self.dir, "metrics.jsonl"), "a" if append else "w")
         self.tb = None
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
