@@ -262,6 +262,9 @@ class EngineConfig(_Strict):
                              f"samples_per_prompt = {batch}), got {mb}"))
         if self.data.max_digits + 1 > self.rollout.max_new_tokens:
             problems.append(("rollout.max_new_tokens", f"the task's longest answer is {self.data.max_digits + 1} tokens"))
+        if self.rollout.off_policy_steps and self.colocated("policy", "rollout"):
+            problems.append(("rollout.off_policy_steps", "overlapping generation with training needs the rollout "
+                             "outside the policy's colocation group"))
         problems += self._check_topology(available_devices)
         if problems:
             raise ConfigError(problems)

@@ -362,7 +362,7 @@ class Engine:
             start_metric = self.evaluate()
             log.eval(self.step, start_metric)
             t0 = time.perf_counter()
-            off = c.rollout.off_policy_steps if not self.colocated_sync else 0
+            off = c.rollout.off_policy_steps  # config.check: only with the rollout in a pool of its own
             prompts = self._prompts()
             pending = self._generate(prompts, self._seed())
             for i in range(steps):

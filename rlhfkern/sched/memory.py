@@ -31,9 +31,11 @@ per element of the model's dtype; L layers, h hidden, a heads, f = intermediate 
                inference: one layer's working set, (6*t*h + max(2*b*a*s*s_kv, 3*t*f)) * e
                (residual, norm, q, k, v, attention out; eager attention scores + probabilities,
                or the MLP's gate/up/product); generate: the larger of prefill and one decode step
-  logits       causal LMs: train 2 * t * V * 4 (float32 logits and their gradient); inference
-               t * V * (e + 4) (the lm_head output and its float32 copy; e = 4: t * V * 4);
-               generate: one position per sequence
+  logits       causal LMs, over the t_r = b * max_new_tokens response tokens: train 2 * t_r * V * 4
+               (float32 logits and their gradient); inference t_r * V * (e + 4) (the lm_head
+               output and its float32 copy; e = 4: t_r * V * 4); generate: one position per
+               sequence. Above actors.LOGITS_BUDGET_BYTES of fp32 logits the actor fuses the LM
+               head (rlhfkern.linear_logprobs): one 128 x 8192 fp32 block (2 in train)
 Not counted: the CUDA context, allocator fragmentation, DDP's gradient buckets.
 """
 
@@ -170,6 +172,21 @@ def _inference_logits(m, tokens):
     return tokens * m.vocab * (e + 4 if e != 4 else 4) if m.causal_lm else 0
 
 
+def _logprob_logits(m, tokens, train):
+    """Logits of the log-prob pass over `tokens` response tokens, as the actor computes them:
+    materialised (train: float32 logits and their gradient) up to LOGITS_BUDGET_BYTES, else
+    fused with the LM head (rlhfkern.linear_logprobs: one fp32 [TOKEN_TILE, VOCAB_TILE] block,
+    and its gradient block in train)."""
+    from ..ops.logprob import TOKEN_TILE, VOCAB_TILE
+    from .actors import LOGITS_BUDGET_BYTES
+
+    if not m.causal_lm:
+        return 0
+    if tokens * m.vocab * 4 > LOGITS_BUDGET_BYTES:
+        return (2 if train else 1) * TOKEN_TILE * min(VOCAB_TILE, m.vocab) * 4
+    return 2 * tokens * m.vocab * 4 if train else _inference_logits(m, tokens)
+
+
 def transient(m, phase, b, s, prompt):
     """{component: bytes} of model `m` running `phase` on b sequences of s tokens (prompt long)."""
     e = m.itemsize
@@ -178,10 +195,10 @@ def transient(m, phase, b, s, prompt):
                 "kv_cache": 2 * m.layers * m.kv_heads * m.head_dim * s * b * e,
                 "logits": _inference_logits(m, b)}
     if phase in ("reward", "logprobs", "values"):
-        return {"activations": _working_set(m, b, s, s), "logits": _inference_logits(m, b * s)}
+        return {"activations": _working_set(m, b, s, s), "logits": _logprob_logits(m, b * (s - prompt), False)}
     if phase == "train":
         acts = m.layers * s * b * m.hidden * (34 * e // 2) + m.layers * 5 * m.heads * s * s * b * e // 2
-        return {"activations": acts, "logits": 2 * b * s * m.vocab * 4 if m.causal_lm else 0}
+        return {"activations": acts, "logits": _logprob_logits(m, b * (s - prompt), True)}
     return {}  # sync: weights only
 
 

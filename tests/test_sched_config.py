@@ -1,0 +1,137 @@
+"""Config errors: every wrong key, type, value or topology gives a message naming its key path,
+raised before any actor (or placement group) exists. The shipped configs load and plan."""
+
+import copy
+import glob
+import os
+
+import pytest
+import yaml
+
+from rlhfkern.sched import cli
+from rlhfkern.sched.config import ConfigError, default_config_path, load_config, parse_config
+from rlhfkern.sched.loop import Engine
+
+SHIPPED = sorted(glob.glob(os.path.join(os.path.dirname(default_config_path()), "*.yaml")))
+
+
+def default():
+    with open(default_config_path()) as f:
+        return yaml.safe_load(f)
+
+
+def with_(data, path, value):
+    data = copy.deepcopy(data)
+    node = data
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    if value is DELETE:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    return data
+
+
+DELETE = object()
+VALUE = {"optimizer": {"lr": 1e-3}}
+
+CASES = [  # (key path, value, the error's key path, a piece of its message)
+    ("models.policy.tpp", 2, "models.policy.tpp", "Extra inputs are not permitted"),
+    ("train.steps", "ten", "train.steps", "valid integer"),
+    ("train.steps", 0, "train.steps", "greater than 0"),
+    ("algorithm.clip_c", 0.5, "algorithm.clip_c", "greater than 1"),
+    ("algorithm.name", "dpo", "algorithm.name", "'ppo', 'grpo', 'rloo' or 'reinforce_pp'"),
+    ("algorithm.gamma", 1.5, "algorithm.gamma", "less than or equal to 1"),
+    ("rollout.top_p", 0, "rollout.top_p", "greater than 0"),
+    ("models.policy.dtype", "float8", "models.policy.dtype", "'float32', 'bfloat16' or 'float16'"),
+    ("models.policy.model", {"hf_config": {"hidden_size": 8}}, "models.policy.model", "needs a model_type"),
+    ("models.policy.model", {"path": "/nonexistent/model"}, "models.policy.model", "cannot load the model config"),
+    ("models.rewards.copy.function", "rlhfkern.sched.tasks:no_such", "models.rewards.copy.function",
+     "has no callable 'no_such'"),
+    ("models.rewards.copy.function", "no_such_module:f", "models.rewards.copy.function", "cannot import"),
+    ("models.rewards.copy.kind", "model", "models.rewards.copy", "a model reward needs model"),
+    ("models.rewards", {}, "models.rewards", "at least 1 item"),
+    ("models.policy.optimizer", DELETE, "models.policy.optimizer", "a trainer needs an optimizer"),
+    ("models.reference.optimizer", {"lr": 1e-3}, "models.reference.optimizer", "not trained"),
+    ("algorithm.name", "ppo", "models.value", "needs a value model"),
+    ("models.value", VALUE, "models.value", "uses no value model"),
+    ("models.reference", None, "algorithm.kl_coef", "needs models.reference"),
+    ("rollout.samples_per_prompt", 1, "rollout.samples_per_prompt", "needs >= 2"),
+    ("train.minibatch_sequences", 100, "train.minibatch_sequences", "must divide the batch"),
+    ("rollout.max_new_tokens", 3, "rollout.max_new_tokens", "longest answer is 4 tokens"),
+    ("rollout.off_policy_steps", 1, "rollout.off_policy_steps", "outside the policy's colocation group"),
+    # topology
+    ("models.policy.devices", 2, "models.policy.devices", "tp*pp*dp = 1*1*1 = 1 != devices 2"),
+    ("models.policy.tp", 3, "models.policy.tp", "tp=3 does not divide the 4 attention heads"),
+    ("models.policy.pp", 2, "models.policy.pp", "backend hf runs tp=1, pp=1"),
+    ("models.policy.dp", 3, "models.policy.dp", "dp=3 must divide the batch of 256"),
+    ("placement.colocate", [["policy", "critic"]], "placement.colocate[0][1]", "'critic' is not a model"),
+    ("placement.colocate", [["policy"], ["policy", "rollout"]], "placement.colocate[1][0]", "already in group 0"),
+    ("placement.colocate", [], "placement", "the models need 3 devices, placement.nodes * devices_per_node = 1"),
+    ("placement.device_memory_gib", 1e-6, "placement.device_memory_gib", "needs"),
+]
+
+
+@pytest.mark.parametrize("key,value,path,message", CASES, ids=[f"{c[0]}={c[1]!r}"[:60] for c in CASES])
+def test_each_error_names_its_key_path(key, value, path, message):
+    data = with_(default(), key, value)
+    with pytest.raises(ConfigError) as info:
+        cfg = parse_config(data)
+        from rlhfkern.sched.memory import check_memory, estimate
+
+        check_memory(estimate(cfg))
+    problems = dict(info.value.problems)
+    assert path in problems, info.value
+    assert message in problems[path], info.value
+    assert f"{path}: " in str(info.value)
+
+
+def test_several_errors_are_reported_together():
+    data = with_(with_(default(), "train.steps", -1), "rollout.temperature", "hot")
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert {"train.steps", "rollout.temperature"} <= set(dict(info.value.problems))
+
+
+def test_overrides_and_yaml_errors_name_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.ppo_epochs: Input should be greater than 0"):
+        load_config(default_config_path(), ["train.ppo_epochs=0"])
+    with pytest.raises(ConfigError, match="an override is key.path=value"):
+        load_config(default_config_path(), ["train.steps"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="<root>: expected a mapping"):
+        load_config(str(bad))
+
+
+def test_more_devices_than_ray_has_starts_no_actor(ray_gpus, tmp_path):
+    """Ray has 8 logical GPUs: a config asking for 9 is refused by Engine.start before any
+    placement group or actor exists."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    data = with_(default(), "placement.devices_per_node", 16)
+    data = with_(data, "models.policy.dp", 8)
+    data = with_(data, "placement.colocate", [["policy", "reference"]])  # 8 + rollout 1 = 9 devices
+    data = with_(data, "logging.run_dir", str(tmp_path))
+    engine = Engine(parse_config(data))
+    before = ray.available_resources().get("GPU")
+    with pytest.raises(ConfigError, match=r"placement: the models need 9 devices, 8 are present"):
+        engine.start()
+    assert engine.workers is None
+    assert not [g for g in placement_group_table().values() if g["name"].startswith("rlhfkern:")
+                and g["state"] != "REMOVED"]
+    assert ray.available_resources().get("GPU") == before
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_shipped_configs_load_and_plan(path, capsys):
+    assert cli.main("plan", path) == 0
+    out = capsys.readouterr().out
+    assert "estimated peak memory" in out and "fits" in out
+
+
+def test_plan_refuses_a_config_that_does_not_fit(capsys):
+    assert cli.main("plan", default_config_path(), ["placement.device_memory_gib=0.000001"]) == 2
+    assert "placement.device_memory_gib" in capsys.readouterr().err
