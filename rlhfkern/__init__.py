@@ -13,7 +13,16 @@ from .ops.ppo_loss import actor_loss, kl_penalty, ppo_loss, value_loss
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    """rlhfkern.Engine: the RLHF engine (imported on first use: it pulls Ray, pydantic, transformers)."""
+    if name == "Engine":
+        from .sched.loop import Engine
+
+        return Engine
+    raise AttributeError(f"module 'rlhfkern' has no attribute {name!r}")
+
 __all__ = [
-    "actor_loss", "backends", "gae", "grpo_advantage", "kl_penalty", "linear_logprobs", "logprobs", "masked_whiten", "ppo_loss",
+    "Engine", "actor_loss", "backends", "gae", "grpo_advantage", "kl_penalty", "linear_logprobs", "logprobs", "masked_whiten", "ppo_loss",
     "reinforce_pp_advantage", "reinforce_pp_baseline_advantage", "rloo_advantage", "value_loss", "__version__",
 ]
