@@ -21,16 +21,17 @@ import random
 import socket
 import time
 
+import ray
 import torch
 
 import rlhfkern
 
 from . import tasks
-from .config import ConfigError, EngineConfig, load_callable, load_config
+from .config import EngineConfig, load_callable, load_config
 from .memory import check_memory, estimate
 from .placement import Placement
 
-PHASES = ("generate", "reward", "logprobs", "values", "advantages", "train", "sync")
+PHASES = ("generate", "reward", "logprobs", "values", "advantages", "train", "sync", "eval")
 
 
 class RewardError(RuntimeError):
@@ -63,8 +64,6 @@ def _cat(parts):
 def init_ray(num_devices, temp_dir=None):
     """Ray for the engine: the running one, else a local one with `num_devices` logical GPUs
     when torch sees none (so placement groups behave as on a cluster)."""
-    import ray
-
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -97,8 +96,6 @@ class Engine:
     # ------------------------------------------------------------------------------ start-up
     def start(self):
         """Ray, the placement groups, one actor per rank, their process groups, first sync."""
-        import ray
-
         from .actors import ModelWorker
 
         memory = estimate(self.cfg, self.device)
@@ -139,8 +136,6 @@ class Engine:
                             colocated=self.colocated_sync, dtype=getattr(torch, m.policy.dtype))
 
     def shutdown(self):
-        import ray
-
         if self.workers:
             ray.get([w.shutdown.remote() for ws in self.workers.values() for w in ws])
             for ws in self.workers.values():
@@ -159,21 +154,17 @@ class Engine:
         return [w.call.remote(method, shard, *args) for w, shard in zip(ranks, _split(batch, len(ranks)))]
 
     def _gather(self, futures):
-        import ray
-
         out = ray.get(futures)
         if isinstance(out[0], tuple):
             return tuple(_cat([o[i] for o in out]) if out[0][i] is not None else None for i in range(len(out[0])))
         return _cat(out)
 
     @contextlib.contextmanager
-    def _phase(self, name, models):
-        """Times a phase; with offload on CUDA, the colocated models that do not run in it leave
-        the device and those that do come back."""
-        import ray
-
+    def _phase(self, name, models=()):
+        """Times a phase; with offload on CUDA, when models run in it, the colocated models that
+        do not leave the device and those that do come back (host-only phases move nothing)."""
         calls = []
-        if self.device == "cuda" and self.cfg.placement.offload:
+        if models and self.device == "cuda" and self.cfg.placement.offload:
             grouped = {n for g in self.cfg.placement.colocate for n in g}
             for n in grouped:
                 calls += [w.call.remote("onload" if n in models else "offload") for w in self._ranks(n)]
@@ -197,7 +188,7 @@ class Engine:
 
     def evaluate(self):
         """Exact-match accuracy of greedy answers on the held-out prompts."""
-        with self._phase("generate", {"rollout"}):
+        with self._phase("eval", {"rollout"}):
             responses, mask = self._gather(self._generate(self.task.eval_set, 0, greedy=True)[0])
         hits = [tasks.exact(self.cfg.data.task, p, r[:int(m.sum())].tolist())
                 for p, r, m in zip(self.task.eval_set, responses, mask)]
@@ -205,8 +196,6 @@ class Engine:
 
     def _rewards(self, prompts, responses, mask, batch):
         """Per-sequence reward: sum of weight * each reward; checked for length and finiteness."""
-        import ray
-
         total = torch.zeros(len(prompts), dtype=torch.float32)
         parts = {}
         resp_lists = [r[:int(m.sum())].tolist() for r, m in zip(responses, mask)]
@@ -252,8 +241,6 @@ class Engine:
         """Policy trainer -> rollout weights (rlhfkern.reshard plan). Colocated: every rollout rank
         copies, in its process, from the trainer ranks the plan names (shared memory through
         Ray's object store). Separate: the Resharder over the trainer+rollout process group."""
-        import ray
-
         plan_ref = self.sync_plan
         trainers, rollouts = self._ranks("policy"), self._ranks("rollout")
         with self._phase("sync", {"policy", "rollout"}):
@@ -285,17 +272,16 @@ class Engine:
         return {"input_ids": torch.cat([ids, responses], 1), "attention_mask": torch.cat([am, mask], 1),
                 "response_mask": mask, "index": torch.arange(len(prompts)) // G}
 
-    def train_step(self, prompts, generated):
-        """One step on a batch being generated (`generated`: the futures and the policy version
-        the rollout had); returns its metrics. rollout/policy_lag = updates the batch's sampling
-        policy is behind the policy being trained (0 on-policy)."""
-        generated, version = generated
-        import ray
-
+    def train_step(self, prompts, pending=None):
+        """One step on `prompts`; returns its metrics. `pending`: the batch already being
+        generated (futures and the policy version the rollout had; off-policy), else it is
+        generated now. rollout/policy_lag = updates the sampling policy is behind the policy
+        being trained (0 on-policy)."""
         c, a = self.cfg, self.cfg.algorithm
         t_step = time.perf_counter()
         with self._phase("generate", {"rollout"}):
-            responses, mask = self._gather(generated)
+            futures, version = pending or self._generate(prompts, self._seed())
+            responses, mask = self._gather(futures)
         batch = self._make_batch(prompts, responses, mask)
         with self._phase("reward", {n for n in c.model_names() if n.startswith("reward:")}):
             scores, parts = self._rewards(prompts, responses, mask, batch)
@@ -308,7 +294,7 @@ class Engine:
         if a.name == "ppo":
             with self._phase("values", {"value"}):
                 batch["values"] = self._gather(self._scatter("value", "values", batch))
-        with self._phase("advantages", set()):
+        with self._phase("advantages"):
             self._advantages(batch, scores)
         metrics = {}
         with self._phase("train", {"policy", "value"}):
@@ -334,8 +320,6 @@ class Engine:
         return metrics
 
     def _train_results(self, futures):
-        import ray
-
         try:
             per_rank = ray.get(futures)
         except ray.exceptions.RayTaskError as e:
@@ -363,8 +347,7 @@ class Engine:
             log.eval(self.step, start_metric)
             t0 = time.perf_counter()
             off = c.rollout.off_policy_steps  # config.check: only with the rollout in a pool of its own
-            prompts = self._prompts()
-            pending = self._generate(prompts, self._seed())
+            prompts, pending = self._prompts(), None
             for i in range(steps):
                 ahead = off and i + 1 < steps
                 if ahead:  # the next batch is generated with the current rollout weights, while this trains
@@ -381,11 +364,7 @@ class Engine:
                     self.save(os.path.join(c.checkpoint.dir or os.path.join(c.logging.run_dir, "checkpoints"),
                                            f"step_{self.step}"))
                 if self.step < end:
-                    if ahead:
-                        prompts, pending = next_prompts, next_pending
-                    else:
-                        prompts = self._prompts()
-                        pending = self._generate(prompts, self._seed())
+                    prompts, pending = (next_prompts, next_pending) if ahead else (self._prompts(), None)
             summary = {"eval_start": start_metric, "eval_end": self.history[-1]["eval/exact"],
                        "steps": steps, "seconds": time.perf_counter() - t0,
                        "phase_seconds": dict(self.phase_seconds)}
@@ -404,8 +383,6 @@ class Engine:
 
     def save(self, path):
         """Each trainer rank's model and optimizer under path/<model>/rank_<r>, and the loop state."""
-        import ray
-
         ray.get([w.call.remote("save", os.path.join(path, name, f"rank_{r}"))
                  for name in ("policy", "value") if getattr(self.cfg.models, name) is not None
                  for r, w in enumerate(self._ranks(name))])
@@ -413,18 +390,5 @@ class Engine:
             json.dump({"step": self.step, "rng": self.rng.getstate()[1]}, f)
 
     def weights(self, name, rank=0):
-        import ray
-
         return ray.get(self._ranks(name)[rank].weights.remote())
 
-
-def run(config_path, overrides=()):
-    """`rlhfkern train`: plan report, learn, shutdown; returns the summary."""
-    try:
-        engine = Engine(config_path, overrides)
-    except ConfigError:
-        raise
-    try:
-        return engine.learn()
-    finally:
-        engine.shutdown()
