@@ -1,6 +1,7 @@
 """The engine's loop on Ray (logical GPUs, CPU tensors): determinism, colocated == separate,
 bitwise weight sync, learning (GRPO and PPO raise the held-out metric), reward and loss errors."""
 
+import json
 import math
 
 import pytest
@@ -65,8 +66,27 @@ def test_rollout_weights_equal_trainer_weights_after_each_sync(ray_gpus, tmp_pat
             assert any(not torch.equal(trained[k], before[k]) for k in trained)  # it did train
             before = trained
         assert not all(torch.equal(trained[k], v) for k, v in e.weights("reference").items())
+        assert_memory_estimate_matches_actors(e)
+        e.save(str(tmp_path / "ckpt"))
+        assert (tmp_path / "ckpt" / "policy" / "rank_0" / "model.safetensors").exists()
+        assert (tmp_path / "ckpt" / "policy" / "rank_0" / "optimizer.pt").exists()
+        assert json.loads((tmp_path / "ckpt" / "engine.json").read_text())["step"] == 2
     finally:
         e.shutdown()
+
+
+def assert_memory_estimate_matches_actors(e):
+    """The plan's static numbers (weights, gradients, optimizer state) are the bytes of every
+    actor's real tensors."""
+    import ray
+
+    from rlhfkern.sched.memory import model_memory
+
+    for name, workers in e.workers.items():
+        mm = model_memory(e.cfg, name)
+        for w in workers:
+            real = ray.get(w.call.remote("memory_bytes"))
+            assert real == {"weights": mm.weights, "gradients": mm.gradients, "optimizer": mm.optimizer}, name
 
 
 def test_off_policy_overlap_runs_with_one_step_stale_rollout(ray_gpus, tmp_path):
@@ -89,9 +109,14 @@ def test_grpo_raises_the_held_out_metric(ray_gpus, tmp_path):
 
 
 def test_ppo_raises_the_held_out_metric(ray_gpus, tmp_path):
-    summary, history = run(tmp_path, "ppo_separate.yaml", 120, "train.eval_every_steps=0")
+    e = engine(tmp_path, "ppo_separate.yaml", "train.eval_every_steps=0")
+    try:
+        summary = e.learn(120)
+        assert_memory_estimate_matches_actors(e)  # the value model's too
+    finally:
+        e.shutdown()
     assert summary["eval_end"] >= summary["eval_start"] + 0.2, summary
-    assert all(math.isfinite(m["critic/loss"]) for m in history)
+    assert all(math.isfinite(m["critic/loss"]) for m in e.history)
 
 
 def test_rule_reward_errors_name_the_function_and_the_batch(ray_gpus, tmp_path):
