@@ -81,9 +81,10 @@ def backends():
     return [b for b in BACKENDS if any(why_unavailable(b, d) is None for d in device_types)]
 
 
-def resolve(backend, device, op_backends=BACKENDS):
+def resolve(backend, device, op_backends=BACKENDS, gpu_order=("cuda", "triton")):
     """The concrete backend an op runs for `backend` (None/"auto"/name) on tensors on `device`.
-    `op_backends`: the backends the op has (an op without a CUDA kernel runs Triton on GPUs).
+    `op_backends`: the backends the op has (an op without a CUDA kernel runs Triton on GPUs);
+    `gpu_order`: which of its GPU kernels "auto" tries first (the faster one, as measured).
     A backend named in the environment that the op lacks means "auto" for that op; one named
     in the call must exist."""
     if backend is None:
@@ -94,7 +95,7 @@ def resolve(backend, device, op_backends=BACKENDS):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     device_type = torch.device(device).type
     if backend == "auto":
-        order = ("cuda", "triton", "torch") if device_type == "cuda" else ("cpu", "torch")
+        order = (*gpu_order, "torch") if device_type == "cuda" else ("cpu", "torch")
         return next(b for b in order if b in op_backends and why_unavailable(b, device_type) is None)
     if backend not in op_backends:
         raise ValueError(f"backend {backend!r} is not available for this op: it has {op_backends}")

@@ -160,7 +160,7 @@ def rloo_advantage(token_level_rewards, mask, index, *, backend=None):
 def reinforce_pp_baseline_advantage(token_level_rewards, mask, index, *, backend=None):
     """REINFORCE++-baseline advantages [B, T]: group-centred scores, whitened over the mask."""
     index = _check(token_level_rewards, mask, index)
-    which = _dispatch.resolve(backend, token_level_rewards.device)
+    which = _dispatch.resolve(backend, token_level_rewards.device, gpu_order=_gae.GPU_ORDER)
     if which == "torch":
         return reinforce_pp_baseline_reference(token_level_rewards, mask, index)
     s = _scores(token_level_rewards)
@@ -175,7 +175,7 @@ def reinforce_pp_advantage(token_level_rewards, mask, gamma=1.0, *, backend=None
     whitened over the mask. Runs the GAE kernel with V = 0 and lam = 1."""
     _check(token_level_rewards, mask)
     gamma = _gae._check_unit(gamma, "gamma")
-    which = _dispatch.resolve(backend, token_level_rewards.device)
+    which = _dispatch.resolve(backend, token_level_rewards.device, gpu_order=_gae.GPU_ORDER)
     if which == "torch":
         return reinforce_pp_reference(token_level_rewards, mask, gamma)
     r = token_level_rewards.to(acc_dtype(token_level_rewards))
