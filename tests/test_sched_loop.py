@@ -100,12 +100,27 @@ def test_off_policy_overlap_runs_with_one_step_stale_rollout(ray_gpus, tmp_path)
     assert history[0] == on_policy[0]  # the same first step
 
 
+@pytest.mark.parametrize("algorithm", ["rloo", "reinforce_pp"])
+def test_other_estimators_run(ray_gpus, tmp_path, algorithm):
+    _, history = run(tmp_path, "default.yaml", 2, *SHORT, f"algorithm.name={algorithm}")
+    assert all(math.isfinite(m["actor/loss"]) and m["actor/grad_norm"] > 0 for m in history)
+
+
 def test_grpo_raises_the_held_out_metric(ray_gpus, tmp_path):
-    summary, history = run(tmp_path, "default.yaml", 100, "train.eval_every_steps=0")
+    cfg = load_config(f"{SHIPPED}/default.yaml", [f"logging.run_dir={tmp_path}", "logging.progress=false",
+                                                  "train.eval_every_steps=50"])
+    e = Engine(cfg)
+    try:
+        summary = e.learn(100)
+    finally:
+        e.shutdown()
     assert summary["eval_start"] == 0.0
     assert summary["eval_end"] >= 0.2, summary
-    assert history[-1]["reward"] > history[0]["reward"] + 0.3
-    assert (tmp_path / "metrics.jsonl").exists()
+    assert e.history[-1]["reward"] > e.history[0]["reward"] + 0.3
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 101 and json.loads(lines[-1])["eval/exact"] == summary["eval_end"]
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_ppo_raises_the_held_out_metric(ray_gpus, tmp_path):
@@ -120,7 +135,11 @@ def test_ppo_raises_the_held_out_metric(ray_gpus, tmp_path):
 
 
 def test_rule_reward_errors_name_the_function_and_the_batch(ray_gpus, tmp_path):
-    e = engine(tmp_path, "default.yaml", *SHORT, "models.rewards={flaky: {kind: rule, function: 'sched_rewards:flaky_reward'}}")
+    """A rule reward and a reward model (a sequence classifier in a pool of its own), weighted."""
+    rewards = ("models.rewards={flaky: {kind: rule, function: 'sched_rewards:flaky_reward'}, "
+               "rm: {kind: model, weight: 0.5, model: {hf_config: {model_type: llama, vocab_size: 14, hidden_size: 32, "
+               "intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, pad_token_id: 0}}}}")
+    e = engine(tmp_path, "default.yaml", *SHORT, rewards, "placement.devices_per_node=2")
     try:
         sched_rewards.MODE["kind"] = "raise"
         with pytest.raises(RewardError, match=r"'flaky' \(sched_rewards:flaky_reward\) at step 1, batch of 32 "
@@ -130,6 +149,11 @@ def test_rule_reward_errors_name_the_function_and_the_batch(ray_gpus, tmp_path):
         e.history.clear()
         with pytest.raises(RewardError, match=r"sched_rewards:flaky_reward.*returned 31 values for 32 sequences"):
             e.learn(1)
+        sched_rewards.MODE["kind"] = "ok"
+        e.learn(1)
+        m = e.history[-1]
+        assert m["reward/rm"] != 0
+        assert m["reward"] == pytest.approx(m["reward/flaky"] + 0.5 * m["reward/rm"], abs=1e-6)
     finally:
         sched_rewards.MODE["kind"] = "ok"
         e.shutdown()
