@@ -13,6 +13,7 @@ last response token. The KL to the reference enters the actor loss (`algorithm.k
 `rlhfkern` estimators. Old log-probs are recomputed by the policy trainer before its update.
 """
 
+import collections
 import contextlib
 import json
 import math
@@ -27,6 +28,7 @@ import torch
 import rlhfkern
 
 from . import tasks
+from .actors import ModelWorker, NonFiniteLoss
 from .config import EngineConfig, load_callable, load_config
 from .memory import check_memory, estimate
 from .placement import Placement
@@ -96,8 +98,6 @@ class Engine:
     # ------------------------------------------------------------------------------ start-up
     def start(self):
         """Ray, the placement groups, one actor per rank, their process groups, first sync."""
-        from .actors import ModelWorker
-
         memory = estimate(self.cfg, self.device)
         check_memory(memory)
         init_ray(self.placement.devices())
@@ -154,10 +154,34 @@ class Engine:
         return [w.call.remote(method, shard, *args) for w, shard in zip(ranks, _split(batch, len(ranks)))]
 
     def _gather(self, futures):
-        out = ray.get(futures)
+        """The ranks' results as one: tensors/lists concatenated (tuples element-wise), metric
+        dicts averaged. A non-finite loss on a rank becomes a TrainingError naming the step."""
+        try:
+            out = ray.get(futures)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(getattr(e, "cause", None), NonFiniteLoss):
+                raise TrainingError(str(e.cause)) from None
+            raise
+        if isinstance(out[0], dict):
+            return {k: sum(o[k] for o in out) / len(out) for k in out[0]}
         if isinstance(out[0], tuple):
             return tuple(_cat([o[i] for o in out]) if out[0][i] is not None else None for i in range(len(out[0])))
         return _cat(out)
+
+    def _in_turn(self, calls):
+        """Runs the calls [(model, method, batch, *args)] of one phase and returns their gathered
+        results in order: models of one colocation group one after another (they time-share
+        their devices), models of different pools at the same time."""
+        pool_of = {n: i for i, p in enumerate(self.placement.pools) for n in p.models}
+        queues = collections.defaultdict(list)
+        for i, call in enumerate(calls):
+            queues[pool_of[call[0]]].append((i, call))
+        results = [None] * len(calls)
+        for k in range(max(map(len, queues.values()), default=0)):
+            wave = [(q[k][0], self._scatter(*q[k][1])) for q in queues.values() if k < len(q)]
+            for i, futures in wave:
+                results[i] = self._gather(futures)
+        return results
 
     @contextlib.contextmanager
     def _phase(self, name, models=()):
@@ -286,11 +310,10 @@ class Engine:
         with self._phase("reward", {n for n in c.model_names() if n.startswith("reward:")}):
             scores, parts = self._rewards(prompts, responses, mask, batch)
         with self._phase("logprobs", {"policy", "reference"}):
-            old = self._scatter("policy", "logprobs", batch, False)
-            ref = self._scatter("reference", "logprobs", batch, False) if c.models.reference else None
-            batch["old_log_prob"], _ = self._gather(old)
-            if ref is not None:
-                batch["ref_log_prob"], _ = self._gather(ref)
+            kinds = ["old_log_prob"] + (["ref_log_prob"] if c.models.reference else [])
+            for kind, (lp, _) in zip(kinds, self._in_turn([(n, "logprobs", batch, False)
+                                                           for n in ("policy", "reference")[:len(kinds)]])):
+                batch[kind] = lp
         if a.name == "ppo":
             with self._phase("values", {"value"}):
                 batch["values"] = self._gather(self._scatter("value", "values", batch))
@@ -298,17 +321,11 @@ class Engine:
             self._advantages(batch, scores)
         metrics = {}
         with self._phase("train", {"policy", "value"}):
-            jobs = []
-            for name, method in (("policy", "train_policy"), ("value", "train_value")):
-                if getattr(c.models, name) is None:
-                    continue
-                dp = c.model(name).dp
-                jobs.append(self._scatter(name, method, batch, self.step + 1, c.train.minibatch_sequences // dp,
-                                          c.train.ppo_epochs))
-                if c.colocated("policy", "value"):  # time-shared: one after the other
-                    metrics.update(self._train_results(jobs.pop()))
-            for job in jobs:
-                metrics.update(self._train_results(job))
+            trainers = [n for n in ("policy", "value") if getattr(c.models, n) is not None]
+            for result in self._in_turn([(n, f"train_{n}", batch, self.step + 1,
+                                          c.train.minibatch_sequences // c.model(n).dp, c.train.ppo_epochs)
+                                         for n in trainers]):
+                metrics.update(result)
         self._sync(self.step + 1)
         tokens = int(mask.sum())
         seconds = time.perf_counter() - t_step
@@ -318,16 +335,6 @@ class Engine:
                         "tokens_trained": tokens * c.train.ppo_epochs, "seconds": seconds,
                         "tokens_per_second": tokens / seconds})
         return metrics
-
-    def _train_results(self, futures):
-        try:
-            per_rank = ray.get(futures)
-        except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if "NonFiniteLoss" in type(cause).__name__ or "NonFiniteLoss" in str(e):
-                raise TrainingError(str(cause).splitlines()[-1] if str(cause) else str(e)) from None
-            raise
-        return {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
 
     # ------------------------------------------------------------------------------ the loop
     def learn(self, steps=None):
