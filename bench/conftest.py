@@ -95,6 +95,40 @@ def results_table(benchmarks):
     return "\n".join(lines)
 
 
+def rates_table(benchmarks):
+    """A second table for groups with rates (e.g. tokens/s): rows are benchmarks whose extra_info has
+    "rates" ({name: per second}; time per call from pytest-benchmark), or the dicts listed in a
+    benchmark's extra_info["rows"] (several systems timed inside one benchmark: each with label,
+    role, seconds, rates). Columns: time per call, each rate, the first rate's ratio to every
+    baseline row of the group, the per-call amounts ("per_step") and "notes" ({name: text}); a
+    benchmark's extra_info["group_notes"] ({name: text}) follow the group's table."""
+    groups, group_notes = {}, {}
+    for b in benchmarks:
+        rows = b.extra_info.get("rows") or ([{**b.extra_info, "label": b.extra_info.get("label", b.name),
+                                              "seconds": per_call(b)}] if b.extra_info.get("rates") else [])
+        groups.setdefault(b.group, []).extend(rows)
+        group_notes.setdefault(b.group, {}).update(b.extra_info.get("group_notes", {}))
+    out = []
+    for group, rows in groups.items():
+        if not rows:
+            continue
+        rate_names = list(rows[0]["rates"])
+        first = rate_names[0]
+        baselines = [r for r in rows if r.get("role") == "baseline"]
+        amounts = list(rows[0].get("per_step", {}))
+        head = (["group", "backend", "time per call"] + rate_names + [f"{first} vs {r['label']}" for r in baselines]
+                + [f"{a} per call" for a in amounts] + ["notes"])
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 3) + "---|"]
+        for r in rows:
+            cells = [group, r["label"], format_time(r["seconds"])] + [f"{r['rates'][n]:.0f}" for n in rate_names]
+            cells += ["" if c is r else f"{r['rates'][first] / c['rates'][first]:.2f}x" for c in baselines]
+            cells += [f"{r['per_step'][a]:.0f}" for a in amounts]
+            cells.append("; ".join(f"{k}: {v}" for k, v in r.get("notes", {}).items()))
+            out.append("| " + " | ".join(cells) + " |")
+        out += [""] + [f"{k}: {v}" for k, v in group_notes[group].items()] + [""]
+    return "\n".join(out).strip()
+
+
 def format_time(seconds):
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if seconds >= scale:
@@ -115,6 +149,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
               "read + written) over this time; "
               "peak memory: what one call adds beyond its inputs (and, for backward, their gradient buffers)")
     table = results_table(benchmarks)
+    rates = rates_table(benchmarks)
+    if rates:
+        table += "\n\n" + rates
     terminalreporter.write_sep("=", "rlhfkern benchmark table")
     terminalreporter.write_line(header)
     terminalreporter.write_line(table)
