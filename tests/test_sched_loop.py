@@ -73,6 +73,10 @@ def test_rollout_weights_equal_trainer_weights_after_each_sync(ray_gpus, tmp_pat
         assert (tmp_path / "ckpt" / "policy" / "rank_0" / "model.safetensors").exists()
         assert (tmp_path / "ckpt" / "policy" / "rank_0" / "optimizer.pt").exists()
         assert json.loads((tmp_path / "ckpt" / "engine.json").read_text())["step"] == 2
+        import ray
+
+        ray.get(e.workers["reference"][0].call.remote("load", str(tmp_path / "ckpt" / "policy" / "rank_0")))
+        assert_same_weights(trained, e.weights("reference"))  # the saved policy, loaded elsewhere
     finally:
         e.shutdown()
 
@@ -100,6 +104,29 @@ def test_off_policy_overlap_runs_with_one_step_stale_rollout(ray_gpus, tmp_path)
     _, on_policy = run(tmp_path / "on", "default.yaml", 3, *SHORT, *SEPARATE)
     assert [m["rollout/policy_lag"] for m in on_policy] == [0, 0, 0]
     assert history[0] == on_policy[0]  # the same first step
+
+
+def test_data_parallel_trainer_equals_one_rank(ray_gpus, tmp_path):
+    """dp=2 (DDP over gloo, the loss normalised by the global token count) takes the same first
+    step as dp=1; every trainer and rollout rank holds the same weights after each sync."""
+    # one minibatch per step: a global minibatch is the union of the ranks' k-th local ones (as
+    # in verl), so with several its composition depends on dp
+    dp2 = ["models.policy.dp=2", "models.rollout.dp=2", "models.reference.dp=2", "placement.devices_per_node=2",
+           "train.minibatch_sequences=32"]
+    e = engine(tmp_path, "default.yaml", *SHORT, *dp2)
+    try:
+        e.learn(2)
+        ranks = [e.weights("policy", 0), e.weights("policy", 1), e.weights("rollout", 0), e.weights("rollout", 1)]
+        for other in ranks[1:]:
+            assert_same_weights(ranks[0], other)
+        two = e.history
+    finally:
+        e.shutdown()
+    # the same two rollout ranks (so the same samples), one trainer rank
+    _, one = run(tmp_path / "one", "default.yaml", 1, *SHORT, "models.rollout.dp=2", "placement.devices_per_node=2",
+                 "train.minibatch_sequences=32")
+    for key in ("reward", "actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/grad_norm"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("algorithm", ["rloo", "reinforce_pp"])

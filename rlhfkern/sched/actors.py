@@ -277,7 +277,11 @@ class HFBackend:
         from safetensors.torch import load_file
 
         state = load_file(os.path.join(path, "model.safetensors"), device=str(self.device))
-        self.model.load_state_dict(state, strict=False)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(self.hf_config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:  # save_pretrained leaves out tied weights only
+            raise ValueError(f"{path} does not hold {self.name}'s weights: missing {sorted(set(missing) - tied)}, "
+                             f"unexpected {sorted(unexpected)}")
         opt = os.path.join(path, "optimizer.pt")
         if self.optimizer is not None and os.path.exists(opt):
             self.optimizer.load_state_dict(torch.load(opt, map_location=self.device))
