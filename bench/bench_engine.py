@@ -1,21 +1,23 @@
 """Engine benchmark: seconds per RL step and tokens per second (generated and trained) of the
 engine's tiny default run (rlhfkern/sched/configs/default.yaml: GRPO, a tiny Llama made from a
-config, a digit task (reverse or copy), 32 prompts x 8 samples, at most 6 new tokens), colocated (the default:
+config, a digit task, 32 prompts x 8 samples, at most 6 new tokens), colocated (the default:
 policy, rollout and reference time-share one device) and separate (the rollout on a device of its
-own; also with rollout.off_policy_steps 1; and colocated with 1 torch thread per actor instead of
-2), against TRL's GRPOTrainer (trl 1.16, this venv) and
-PPOTrainer (trl.experimental.ppo of trl 1.12, its own venv: PPO left trl in 1.13), in the same run.
+own), against TRL's GRPOTrainer (trl 1.16, this venv) and PPOTrainer (trl.experimental.ppo of
+trl 1.12, its own venv: PPO left trl in 1.13), in the same run. The same comparison is made with
+1 torch thread per process (engine: placement.threads_per_actor=1) beside the default 2: on 2
+cores, 2-thread processes that take turns (3 colocated actors) or share the machine with other
+jobs lose much time in OpenMP's busy-waiting; 1-thread rows are the steadier pair.
 
 The same work everywhere:
 - the same initial policy weights (rlhfkern.sched.actors.build_model, saved once; every system's
   weight digest is checked against it), for PPO the value model of the engine's PPO config
   (build_model: a token classifier with one label);
-- the same rule reward (the config's, e.g. rlhfkern.sched.tasks.reverse_reward) on token ids: TRL gets text prompts
-  through a 14-symbol WordLevel tokenizer and maps back to ids; PPO gets a reward module that
-  computes the rule from the ids trl's get_reward passes (bench/trl_baseline.py);
+- the same rule reward (the config's, e.g. rlhfkern.sched.tasks.reverse_reward) on token ids:
+  TRL gets text prompts through a 14-symbol WordLevel tokenizer and maps back to ids; PPO gets a
+  reward module that computes the rule from the ids trl's get_reward passes (trl_baseline.py);
 - the same batch and lengths: 256 sequences per step (32 prompts x 8 samples), at most 6 new
-  tokens, temperature 1, top-p 1, fp32 on the CPU, 2 torch threads per process (the engine's
-  placement.threads_per_actor); 1 PPO epoch over minibatches of 128 sequences (2 AdamW steps per
+  tokens, temperature 1, top-p 1, fp32 on the CPU, the same torch threads per process (the
+  engine's placement.threads_per_actor: 2, or 1); 1 PPO epoch over minibatches of 128 sequences (2 AdamW steps per
   batch); reference log-probs (the engine's kl_coef 0.001 as GRPO's beta and PPO's kl_coef); old
   log-probs recomputed (GRPO: steps_per_generation 2 makes trl compute them too); no evaluation;
   each system's default logging.
@@ -28,8 +30,9 @@ is doing falls on all of them alike; pytest-benchmark times the round, perf_coun
 it. 2 warm-up rounds, then 10 timed (RLHFKERN_BENCH_ROUNDS). Per system: median seconds per step,
 tokens per step (response tokens up to and including EOS: the engine's `tokens_generated`, TRL's
 completion mask, PPO's response up to the first PAD as trl truncates it; trained = that x PPO
-epochs) over that median, the ratio of generated tokens/s to each TRL row, and for the engine its
-seconds per phase per step (`engine.phase_seconds`, mean over the timed steps).
+epochs) over that median, the ratio of generated tokens/s to TRL GRPO's and TRL PPO's at the same
+threads per process, and for the engine its seconds per phase per step (`engine.phase_seconds`,
+mean over the timed steps).
 
 The PPO row needs a venv with trl 1.12: $RLHFKERN_TRL112_PYTHON, or .venv-trl112 at the repository
 root, created here on first use (torch and transformers pinned to this venv's; about 2 minutes
@@ -63,20 +66,20 @@ SEPARATE = ["placement.colocate=[[policy,reference]]", "placement.devices_per_no
 TRL112_PYTHON = os.environ.get("RLHFKERN_TRL112_PYTHON", os.path.join(ROOT, ".venv-trl112", "bin", "python"))
 START_TIMEOUT_S, STEP_TIMEOUT_S = 300, 300
 
-# name: (label, kind, overrides or TRL trainer)
+# name: (label, kind, engine overrides or TRL trainer, torch threads per process: None = the config's, 2)
 SYSTEMS = {
     "engine colocated": ("rlhfkern engine, colocated (default config: policy+rollout+reference share 1 device)",
-                         "engine", []),
+                         "engine", [], None),
     "engine separate": ("rlhfkern engine, separate (policy+reference on 1 device, rollout on another)", "engine",
-                        SEPARATE),
-    "engine separate off-policy": ("rlhfkern engine, separate, rollout.off_policy_steps=1 (the next batch is "
-                                   "generated while this one trains)", "engine",
-                                   SEPARATE + ["rollout.off_policy_steps=1"]),
-    "engine colocated 1 thread": ("rlhfkern engine, colocated, placement.threads_per_actor=1 (default 2)", "engine",
-                                  ["placement.threads_per_actor=1"]),
-    "TRL GRPO": ("TRL {trl} GRPOTrainer", "trl", "grpo"),
-    "TRL PPO": ("TRL {trl} PPOTrainer (trl.experimental.ppo)", "trl", "ppo"),
+                        SEPARATE, None),
+    "engine colocated 1 thread": ("rlhfkern engine, colocated, placement.threads_per_actor=1", "engine",
+                                  ["placement.threads_per_actor=1"], 1),
+    "TRL GRPO": ("TRL {trl} GRPOTrainer", "trl", "grpo", None),
+    "TRL GRPO 1 thread": ("TRL {trl} GRPOTrainer, 1 torch thread", "trl", "grpo", 1),
+    "TRL PPO": ("TRL {trl} PPOTrainer (trl.experimental.ppo)", "trl", "ppo", None),
+    "TRL PPO 1 thread": ("TRL {trl} PPOTrainer (trl.experimental.ppo), 1 torch thread", "trl", "ppo", 1),
 }
+BASELINES = ("TRL GRPO", "TRL PPO")  # each row's tokens/s over these, at the same torch threads per process
 
 
 def ensure_trl112():
@@ -161,7 +164,7 @@ class System:
 
     def row(self, epochs):
         """The table row of the timed steps."""
-        label, kind, _ = SYSTEMS[self.name]
+        label, kind, _, _ = SYSTEMS[self.name]
         steps, seconds = self.steps[-ROUNDS:], self.seconds[-ROUNDS:]
         median = statistics.median(seconds)
         gen = sum(s["tokens_generated"] for s in steps) / ROUNDS
@@ -220,7 +223,7 @@ def systems(tmp_path_factory):
     address = ray.get_runtime_context().gcs_address
     started, skipped = [], {}
     try:
-        for name, (_, kind, arg) in SYSTEMS.items():
+        for name, (_, kind, arg, threads) in SYSTEMS.items():
             if kind == "engine":
                 spec = {"address": address, "config": CONFIG, "steps": steps,
                         "overrides": [f"logging.run_dir={work / name.replace(' ', '_')}", "logging.plot=false",
@@ -232,12 +235,13 @@ def systems(tmp_path_factory):
             except (OSError, subprocess.CalledProcessError) as e:
                 skipped[name] = f"no trl 1.12 venv: {e}"
                 continue
-            spec = {**trl_spec, "trainer": arg, "work_dir": str(work / arg)}
+            spec = {**trl_spec, "trainer": arg, "work_dir": str(work / name.replace(" ", "_")),
+                    "threads": threads or trl_spec["threads"]}
             started.append(System(name, spec, python, "trl_baseline.py", work))
         for s in started:
             s.ready()
             assert s.info["digest"] == digest, f"{s.name} starts from other weights ({s.info['digest']} != {digest})"
-        yield started, skipped, t.ppo_epochs
+        yield started, skipped, cfg
     finally:
         finished = all(len(s.steps) == steps for s in started)
         for s in started:
@@ -246,7 +250,7 @@ def systems(tmp_path_factory):
 
 
 def bench_rl_step(benchmark, systems):
-    started, skipped, epochs = systems
+    started, skipped, cfg = systems
     rounds = iter(range(WARMUP + ROUNDS))
 
     def one_round():
@@ -261,5 +265,16 @@ def bench_rl_step(benchmark, systems):
                        "rotating order; time per call = median seconds per step",
              "machine load average (1 min), before -> after": f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}",
              **{f"skipped {k}": v for k, v in skipped.items()}}
+    rows = {s.name: s.row(cfg.train.ppo_epochs) for s in started}
+    for name, row in rows.items():
+        threads = SYSTEMS[name][3]
+        row["ratios"] = {}
+        for base in BASELINES:
+            paired = base if threads is None else f"{base} {threads} thread"
+            if paired in rows and paired != name:
+                row["ratios"][f"generated tok/s vs {base}"] = (
+                    row["rates"]["generated tok/s"] / rows[paired]["rates"]["generated tok/s"])
+    notes["ratios"] = ("generated tokens/s of the row over that of the TRL row with the same torch threads per "
+                       f"process ({cfg.placement.threads_per_actor} = the engine's placement.threads_per_actor, or 1)")
     benchmark.extra_info.update(label=f"one round: one step of each of {len(started)} systems, in turn",
-                                rows=[s.row(epochs) for s in started], group_notes=notes)
+                                rows=list(rows.values()), group_notes=notes)

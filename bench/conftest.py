@@ -99,9 +99,10 @@ def rates_table(benchmarks):
     """A second table for groups with rates (e.g. tokens/s): rows are benchmarks whose extra_info has
     "rates" ({name: per second}; time per call from pytest-benchmark), or the dicts listed in a
     benchmark's extra_info["rows"] (several systems timed inside one benchmark: each with label,
-    role, seconds, rates). Columns: time per call, each rate, the first rate's ratio to every
-    baseline row of the group, the per-call amounts ("per_step") and "notes" ({name: text}); a
-    benchmark's extra_info["group_notes"] ({name: text}) follow the group's table."""
+    role, seconds, rates). Columns: time per call, each rate, ratios (a row's "ratios" ({column:
+    value}) where rows carry them, else the first rate's ratio to every baseline row of the group),
+    the per-call amounts ("per_step") and "notes" ({name: text}); a benchmark's
+    extra_info["group_notes"] ({name: text}) follow the group's table."""
     groups, group_notes = {}, {}
     for b in benchmarks:
         rows = b.extra_info.get("rows") or ([{**b.extra_info, "label": b.extra_info.get("label", b.name),
@@ -114,14 +115,19 @@ def rates_table(benchmarks):
             continue
         rate_names = list(rows[0]["rates"])
         first = rate_names[0]
+        given = any("ratios" in r for r in rows)
         baselines = [r for r in rows if r.get("role") == "baseline"]
+        ratios = [r.get("ratios", {}) if given else
+                  {f"{first} vs {c['label']}": r["rates"][first] / c["rates"][first] for c in baselines if c is not r}
+                  for r in rows]
+        ratio_names = list(dict.fromkeys(k for rr in ratios for k in rr))
         amounts = list(rows[0].get("per_step", {}))
-        head = (["group", "backend", "time per call"] + rate_names + [f"{first} vs {r['label']}" for r in baselines]
+        head = (["group", "backend", "time per call"] + rate_names + ratio_names
                 + [f"{a} per call" for a in amounts] + ["notes"])
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 3) + "---|"]
-        for r in rows:
+        for r, rr in zip(rows, ratios):
             cells = [group, r["label"], format_time(r["seconds"])] + [f"{r['rates'][n]:.0f}" for n in rate_names]
-            cells += ["" if c is r else f"{r['rates'][first] / c['rates'][first]:.2f}x" for c in baselines]
+            cells += [f"{rr[n]:.2f}x" if n in rr else "" for n in ratio_names]
             cells += [f"{r['per_step'][a]:.0f}" for a in amounts]
             cells.append("; ".join(f"{k}: {v}" for k, v in r.get("notes", {}).items()))
             out.append("| " + " | ".join(cells) + " |")
