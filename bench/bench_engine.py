@@ -42,6 +42,7 @@ with a warm pip cache). Run:
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -218,8 +219,9 @@ def systems(tmp_path_factory):
                 "kl_coef": a.kl_coef, "clip_low": a.clip_low, "clip_high": a.clip_high,
                 "minibatch": t.minibatch_sequences, "ppo_epochs": t.ppo_epochs, "steps": steps, "seed": t.seed,
                 "threads": cfg.placement.threads_per_actor}
-    ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, _temp_dir=f"/tmp/rkb{os.getpid()}",
-             configure_logging=False, log_to_driver=False)
+    ray_dir = f"/tmp/rkb{os.getpid()}"  # short: Ray's socket paths must fit in 107 bytes
+    ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, _temp_dir=ray_dir, configure_logging=False,
+             log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     started, skipped = [], {}
     try:
@@ -247,6 +249,7 @@ def systems(tmp_path_factory):
         for s in started:
             s.close(finished)
         ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def bench_rl_step(benchmark, systems):
