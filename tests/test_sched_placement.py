@@ -172,7 +172,7 @@ def test_check_memory_refuses_a_plan_that_does_not_fit():
         check_memory(report)
     keys = {k for k, _ in e.value.problems}
     assert keys == {"placement.device_memory_gib"}
-    assert re.search(r"device pool0/bundle0 phase logprobs needs 1018\.7 KiB > 524\.3 KiB", str(e.value))
+    assert re.search(r"device pool0/bundle0 phase train needs 935\.3 KiB > 524\.3 KiB", str(e.value))
     assert "DOES NOT FIT" in plan_text(cfg, report)
     assert check_memory(estimate(config(MIXED))) is not None  # 80 GiB: fits
 

@@ -209,15 +209,27 @@ class HFBackend:
         return float(n)
 
     def train_policy(self, batch, step, minibatch, epochs):
+        """PPO epochs over minibatches. The old log-probs (the policy before this update) are
+        batch["old_log_prob"] when given, else computed here: the first minibatch's by its own
+        first forward (no update has happened yet), the others' by one no-grad pass before it."""
         a = self.cfg.algorithm
         sums = {}
+        old = batch.get("old_log_prob")
+        if old is None:
+            old = torch.empty(batch["response_mask"].shape, dtype=torch.float32)
+            if old.shape[0] > minibatch:
+                rest = {key: v[minibatch:] for key, v in batch.items()}
+                old[minibatch:] = self.logprobs(rest)[0]
         for epoch, k, mb in self._minibatches(batch, minibatch, epochs):
             use_entropy = a.entropy_coeff != 0
             lp, ent = self._token_logprobs(self.ddp, mb, with_entropy=True)
+            rows = slice(k * minibatch, (k + 1) * minibatch)
+            if epoch == 0 and k == 0 and "old_log_prob" not in batch:
+                old[rows] = lp.detach().cpu()
             mask = mb["response_mask"].to(self.device)
             ref = mb["ref_log_prob"].to(self.device) if a.kl_coef > 0 else None
             loss, metrics = rlhfkern.actor_loss(
-                lp, mb["old_log_prob"].to(self.device), mb["advantages"].to(self.device), mask,
+                lp, old[rows].to(self.device), mb["advantages"].to(self.device), mask,
                 entropy=ent if use_entropy else None, entropy_coeff=a.entropy_coeff, ref_log_prob=ref,
                 kl_coef=a.kl_coef, kl_kind=a.kl_kind, clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c,
                 agg=a.loss_agg, dp_size=self.world, batch_num_tokens=self._global_tokens(mb),
@@ -338,29 +350,35 @@ class ModelWorker:
         return getattr(self.backend, method)(*args, **kwargs)
 
     # ---------------------------------------------------------------------------- weight sync
+    def set_sync_plan(self, plan):
+        """The rlhfkern.reshard plan of every policy -> rollout sync (computed once), and its
+        Resharder over the trainer+rollout group when the pools are separate."""
+        from ..reshard import Resharder
+
+        self.sync_plan = plan
+        self.resharder = Resharder(plan, group=self.groups["sync"]) if "sync" in self.groups else None
+        return True
+
     def sync_state(self):
         """This trainer rank's weights for a colocated rollout (host tensors through Ray's object
         store: shared memory on the node)."""
         return {k: v.detach().to("cpu", copy=self.backend.device.type != "cpu") for k, v in
                 self.backend.named_tensors().items()}
 
-    def sync_load(self, plan, src_ranks, *src_shards):
+    def sync_load(self, src_ranks, *src_shards):
         """Colocated: the plan's transfers into this rollout rank, copied in this process from the
         weights of the trainer ranks `src_ranks` (Ray resolves the object refs `src_shards`)."""
         from ..reshard import apply
 
         with torch.no_grad():
-            apply(plan, dict(zip(src_ranks, src_shards)), out={self.rank: self.backend.named_tensors()})
+            apply(self.sync_plan, dict(zip(src_ranks, src_shards)), out={self.rank: self.backend.named_tensors()})
         return True
 
-    def sync_run(self, plan, role):
+    def sync_run(self, role):
         """Separate pools: this process's part of the Resharder over the trainer+rollout group."""
-        from ..reshard import Resharder
-
         mine = {self.rank: self.backend.named_tensors()}
         with torch.no_grad():
-            Resharder(plan, group=self.groups["sync"]).run(mine if role == "src" else None,
-                                                          mine if role == "dst" else None)
+            self.resharder.run(mine if role == "src" else None, mine if role == "dst" else None)
         return True
 
     def weights(self):

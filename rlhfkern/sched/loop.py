@@ -108,8 +108,11 @@ class Engine:
             print(self.placement.report(memory), flush=True)
         cls = ray.remote(ModelWorker)
         threads = self.cfg.placement.threads_per_actor
-        self.workers = {name: [cls.options(**self.placement.actor_options(name, r)).remote(self.cfg, name, r, self.device,
-                                                                                           threads)
+        # CPU tensors: OpenMP threads that sleep when idle, not spin, so that actors sharing cores
+        # (colocated, time-shared) do not slow each other down
+        env = {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}} if self.device == "cpu" else {}
+        self.workers = {name: [cls.options(**self.placement.actor_options(name, r), **env).remote(
+                                   self.cfg, name, r, self.device, threads)
                                for r in range(self.cfg.model(name).world)]
                         for name in self.cfg.model_names()}
         order = [(n, r) for n in self.cfg.model_names() for r in range(self.cfg.model(n).world)]
@@ -123,7 +126,10 @@ class Engine:
                            + [index[("rollout", r)] for r in range(self.cfg.models.rollout.world)], nccl))
         init = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
         ray.get([self.workers[n][r].init_groups.remote(init, index[(n, r)], len(order), groups) for n, r in order])
-        self.sync_plan = ray.put(self._plan())
+        plan = ray.put(self._plan())
+        ray.get([w.set_sync_plan.remote(plan) for n in ("policy", "rollout") for w in self.workers[n]])
+        self.sync_sources = {i: sorted({t.src_rank for t in ray.get(plan).transfers for r, _, _ in t.dsts if r == i})
+                             for i in range(self.cfg.models.rollout.world)}
         self._sync(self.step)
         return self
 
@@ -265,23 +271,14 @@ class Engine:
         """Policy trainer -> rollout weights (rlhfkern.reshard plan). Colocated: every rollout rank
         copies, in its process, from the trainer ranks the plan names (shared memory through
         Ray's object store). Separate: the Resharder over the trainer+rollout process group."""
-        plan_ref = self.sync_plan
         trainers, rollouts = self._ranks("policy"), self._ranks("rollout")
         with self._phase("sync", {"policy", "rollout"}):
             if self.colocated_sync:
-                plan = ray.get(plan_ref)
-                states = {}
-                calls = []
-                for i, w in enumerate(rollouts):
-                    src = sorted({t.src_rank for t in plan.transfers for r, _, _ in t.dsts if r == i})
-                    for s in src:
-                        if s not in states:
-                            states[s] = trainers[s].sync_state.remote()
-                    calls.append(w.sync_load.remote(plan_ref, src, *[states[s] for s in src]))
-                ray.get(calls)
+                states = {s: trainers[s].sync_state.remote() for src in self.sync_sources.values() for s in src}
+                ray.get([w.sync_load.remote(self.sync_sources[i], *[states[s] for s in self.sync_sources[i]])
+                         for i, w in enumerate(rollouts)])
             else:
-                ray.get([w.sync_run.remote(plan_ref, "src") for w in trainers]
-                        + [w.sync_run.remote(plan_ref, "dst") for w in rollouts])
+                ray.get([w.sync_run.remote("src") for w in trainers] + [w.sync_run.remote("dst") for w in rollouts])
         self.rollout_version = version
 
     # ------------------------------------------------------------------------------ one step
@@ -309,11 +306,9 @@ class Engine:
         batch = self._make_batch(prompts, responses, mask)
         with self._phase("reward", {n for n in c.model_names() if n.startswith("reward:")}):
             scores, parts = self._rewards(prompts, responses, mask, batch)
-        with self._phase("logprobs", {"policy", "reference"}):
-            kinds = ["old_log_prob"] + (["ref_log_prob"] if c.models.reference else [])
-            for kind, (lp, _) in zip(kinds, self._in_turn([(n, "logprobs", batch, False)
-                                                           for n in ("policy", "reference")[:len(kinds)]])):
-                batch[kind] = lp
+        if c.models.reference is not None:  # (the old log-probs: the trainer's, in its train call)
+            with self._phase("logprobs", {"reference"}):
+                batch["ref_log_prob"], _ = self._gather(self._scatter("reference", "logprobs", batch, False))
         if a.name == "ppo":
             with self._phase("values", {"value"}):
                 batch["values"] = self._gather(self._scatter("value", "values", batch))

@@ -6,8 +6,9 @@ device, so parameter counts and dtypes are exact.
 
 Phases of a step, in order, and the models each runs (rule rewards run on the host):
   generate  rollout                    reward  reward models
-  logprobs  reference, policy (old)    values  value (ppo)
-  train     policy, value              sync    policy -> rollout weights
+  logprobs  reference                  values  value (ppo)
+  train     policy (its old log-probs first, then the update), value
+  sync      policy -> rollout weights
 
 Static state of a model (exact): weights = its parameters (buffers such as rotary tables are not
 counted); trainers (policy, value) add gradients (one per parameter, in its dtype) and torch
@@ -207,7 +208,7 @@ def schedule(cfg):
     names = cfg.model_names()
     rewards = [n for n in names if n.startswith("reward:")]
     out = {"generate": ["rollout"], "reward": rewards,
-           "logprobs": [n for n in ("reference", "policy") if n in names],
+           "logprobs": [n for n in ("reference",) if n in names],
            "values": [n for n in ("value",) if n in names],
            "train": [n for n in TRAINERS if n in names], "sync": ["policy", "rollout"]}
     return {p: out[p] for p in PHASES if out[p]}

@@ -11,6 +11,7 @@ plan whose estimate exceeds placement.device_memory_gib.
 """
 
 import dataclasses
+import uuid
 
 from .memory import check_memory, estimate, fmt_bytes
 
@@ -49,6 +50,7 @@ class Placement:
             for name in pool.models:
                 share = sum(1 for n in pool.models)  # every member may sit on bundle 0
                 self.slots[name] = [Slot(name, r, i, r, 1.0 / share) for r in range(cfg.model(name).world)]
+        self.run_id = uuid.uuid4().hex[:8]  # placement group names are unique per Ray cluster
         self.groups = None     # Ray placement groups, one per pool
         self.nodes = None      # pool -> [node id per bundle]
         self.gpus = None       # pool -> [GPU id per bundle] (ray.get_gpu_ids() on it)
@@ -63,7 +65,7 @@ class Placement:
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
 
-        self.groups = [placement_group([{"GPU": 1}] * p.devices, strategy="PACK", name=f"rlhfkern:{p.name}")
+        self.groups = [placement_group([{"GPU": 1}] * p.devices, strategy="PACK", name=f"rlhfkern:{p.name}:{self.run_id}")
                        for p in self.pools]
         ray.get([g.ready() for g in self.groups], timeout=timeout_s)
         self.nodes = [[placement_group_table(g)["bundles_to_node_id"][b] for b in range(p.devices)]
