@@ -69,6 +69,17 @@ def position_ids(attention_mask):
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def left_padded(prompts):
+    """Token-id lists -> (ids [B, P] left-padded with PAD, attention mask [B, P])."""
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), tasks.PAD, dtype=torch.int64)
+    am = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        am[i, P - len(p):] = 1
+    return ids, am
+
+
 def response_mask_of(responses, eos_id):
     """1 for the response's tokens up to and including the first EOS (no EOS: all of them). A
     sampled PAD before the EOS is a real token; the padding after it is not."""
@@ -162,12 +173,8 @@ class HFBackend:
     def generate(self, prompts, seed, greedy=False):
         """prompts: lists of token ids -> (responses [B, max_new_tokens] padded with PAD, their mask)."""
         r = self.cfg.rollout
-        P = max(map(len, prompts))
-        ids = torch.full((len(prompts), P), tasks.PAD, dtype=torch.int64)
-        am = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p)
-            am[i, P - len(p):] = 1
+        ids, am = left_padded(prompts)
+        P = ids.shape[1]
         torch.manual_seed(seed)
         sampling = {} if greedy else {"temperature": r.temperature, "top_p": r.top_p, "top_k": None}
         out = self.model.generate(input_ids=ids.to(self.device), attention_mask=am.to(self.device),

@@ -28,7 +28,7 @@ import torch
 import rlhfkern
 
 from . import tasks
-from .actors import ModelWorker, NonFiniteLoss
+from .actors import ModelWorker, NonFiniteLoss, left_padded
 from .config import EngineConfig, load_callable, load_config
 from .memory import check_memory, estimate
 from .placement import Placement
@@ -51,12 +51,13 @@ def _free_port():
 
 
 def _split(x, parts):
-    """Contiguous, equal shards of a batch (a tensor, list or dict of them) along dim 0."""
+    """Contiguous shards of a batch (a tensor, list or dict of them) along dim 0, as equal as
+    the length allows (training batches divide evenly: config.check)."""
     if isinstance(x, dict):
         shards = {k: _split(v, parts) for k, v in x.items()}
         return [{k: shards[k][i] for k in x} for i in range(parts)]
-    n = len(x) // parts
-    return [x[i * n:(i + 1) * n] for i in range(parts)]
+    bounds = [len(x) * i // parts for i in range(parts + 1)]  # sizes differ by at most one
+    return [x[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def _cat(parts):
@@ -283,12 +284,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------ one step
     def _make_batch(self, prompts, responses, mask):
-        P = max(map(len, prompts))
-        ids = torch.full((len(prompts), P), tasks.PAD, dtype=torch.int64)
-        am = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p)
-            am[i, P - len(p):] = 1
+        ids, am = left_padded(prompts)
         G = self.cfg.rollout.samples_per_prompt
         return {"input_ids": torch.cat([ids, responses], 1), "attention_mask": torch.cat([am, mask], 1),
                 "response_mask": mask, "index": torch.arange(len(prompts)) // G}
