@@ -109,10 +109,7 @@ class Engine:
             print(self.placement.report(memory), flush=True)
         cls = ray.remote(ModelWorker)
         threads = self.cfg.placement.threads_per_actor
-        # CPU tensors: OpenMP threads that sleep when idle, not spin, so that actors sharing cores
-        # (colocated, time-shared) do not slow each other down
-        env = {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}} if self.device == "cpu" else {}
-        self.workers = {name: [cls.options(**self.placement.actor_options(name, r), **env).remote(
+        self.workers = {name: [cls.options(**self.placement.actor_options(name, r)).remote(
                                    self.cfg, name, r, self.device, threads)
                                for r in range(self.cfg.model(name).world)]
                         for name in self.cfg.model_names()}
