@@ -8,7 +8,6 @@ before any actor starts. Units are in the key names (`_gib`, `_tokens`, `_sequen
 """
 
 import importlib
-import json
 import os
 from typing import Literal
 
@@ -17,8 +16,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
 
 ALGORITHMS_WITH_VALUE = ("ppo",)
-ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
-ROLES = ("policy", "rollout", "reference", "value")
 
 
 class ConfigError(ValueError):
@@ -379,10 +376,6 @@ def load_config(path, overrides=(), available_devices=None):
             node = node.setdefault(p, {})
         node[parts[-1]] = yaml.safe_load(value)
     return parse_config(data, available_devices)
-
-
-def dump_config(cfg):
-    return json.loads(cfg.model_dump_json())
 
 
 def default_config_path():
