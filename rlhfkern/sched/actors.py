@@ -4,11 +4,12 @@
 forwards the interface the loop calls:
 
     generate(prompts, seed, greedy)      rollout: token ids in, right-padded responses out
-    logprobs(batch, with_entropy)        policy (old log-probs) and reference
+    logprobs(batch, with_entropy)        reference (and any causal LM)
     values(batch)                        value model
     scores(batch)                        reward models
-    train_policy(batch, step, hp)        PPO epochs over minibatches (rlhfkern.actor_loss)
-    train_value(batch, step, hp)         same for the value loss (rlhfkern.value_loss)
+    train_policy(batch, step, minibatch, epochs)   old log-probs, then PPO epochs over
+                                         minibatches (rlhfkern.actor_loss)
+    train_value(batch, step, minibatch, epochs)    the same for the value loss (rlhfkern.value_loss)
     sync_state() / sync_load(...) / sync_run(...)    weights for the rollout (rlhfkern.reshard)
     offload() / onload()                 colocated models leave the GPU between their phases
     save(dir) / load(dir) / memory_bytes()
