@@ -1,6 +1,7 @@
 """`python -m rlhfkern info`: versions, what was built, which backends run here."""
 
 import argparse
+import os
 import platform
 import sys
 
@@ -96,7 +97,10 @@ def main(argv=None):
 def engine_command(args):
     from .sched import cli
 
-    return cli.main(args.command, args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):  # only overrides were given
+        config, overrides = None, [config] + overrides
+    return cli.main(args.command, config, overrides)
 
 
 def console():

@@ -132,6 +132,15 @@ def test_shipped_configs_load_and_plan(path, capsys):
     assert "estimated peak memory" in out and "fits" in out
 
 
+def test_cli_takes_overrides_without_a_config(capsys):
+    from rlhfkern.__main__ import main
+
+    assert main(["plan", "train.prompts_per_step=4", "train.minibatch_sequences=32"]) == 0
+    assert "generate  rollout [32]" in capsys.readouterr().out  # 4 prompts x 8 samples, the default config
+    assert main(["plan", default_config_path(), "train.steps=0"]) == 2
+    assert "train.steps: Input should be greater than 0" in capsys.readouterr().err
+
+
 def test_plan_refuses_a_config_that_does_not_fit(capsys):
     assert cli.main("plan", default_config_path(), ["placement.device_memory_gib=0.000001"]) == 2
     assert "placement.device_memory_gib" in capsys.readouterr().err
