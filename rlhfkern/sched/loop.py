@@ -124,10 +124,11 @@ class Engine:
                            + [index[("rollout", r)] for r in range(self.cfg.models.rollout.world)], nccl))
         init = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
         ray.get([self.workers[n][r].init_groups.remote(init, index[(n, r)], len(order), groups) for n, r in order])
-        plan = ray.put(self._plan())
-        ray.get([w.set_sync_plan.remote(plan) for n in ("policy", "rollout") for w in self.workers[n]])
-        self.sync_sources = {i: sorted({t.src_rank for t in ray.get(plan).transfers for r, _, _ in t.dsts if r == i})
-                             for i in range(self.cfg.models.rollout.world)}
+        plan = self._plan()
+        plan_ref = ray.put(plan)
+        ray.get([w.set_sync_plan.remote(plan_ref) for n in ("policy", "rollout") for w in self.workers[n]])
+        self.sync_sources = {i: sorted({t.src_rank for t in plan.transfers for r, _, _ in t.dsts if r == i})
+                             for i in range(self.cfg.models.rollout.world)}  # trainer ranks feeding rollout rank i
         self._sync(self.step)
         return self
 
