@@ -138,15 +138,7 @@ class Resharder:
             for name, t in params.items():
                 if t.dtype != self.plan.dtype:
                     raise ValueError(f"source rank {r} {name} is {t.dtype}, the plan moves {self.plan.dtype}")
-        for r, params in dst_tensors.items():  # padding: zeros; real bytes are all overwritten below
-            for name, p in self.plan.dst_params[r].items():
-                t = params[name]
-                if t.shape != torch.Size(p.shape) or t.dtype != self.plan.dtype:
-                    raise ValueError(f"destination rank {r} {name} is {tuple(t.shape)} {t.dtype}, "
-                                     f"expected {p.shape} {self.plan.dtype}")
-                axis = p.pieces[0].axis if p.pieces else 0
-                if sum(pc.stop - pc.start for pc in p.pieces) < p.shape[axis]:
-                    t.zero_()
+        self.plan.prepare_destinations(dst_tensors, self.plan.dtype)
         for src_rank, dst_rank, seg in self.local.get(me, []):
             self._view(dst_tensors[dst_rank][seg.dst_name], seg, seg.dst_offset).copy_(
                 self._view(src_tensors[src_rank][seg.src_name], seg, seg.src_offset))

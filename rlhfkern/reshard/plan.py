@@ -45,6 +45,20 @@ class Plan:
         self.dst_params = {r: dst.params(r) for r in range(dst.world)}
         self.src_params = {r: src.params(r) for r in range(src.world)}
 
+    def prepare_destinations(self, dst_tensors, dtype=None):
+        """Checks destination tensors {dst_rank: {name: tensor}} against the plan's shapes (and
+        `dtype` when given) and zero-fills those with padding; the plan's transfers overwrite
+        every real element afterwards."""
+        for r, params in dst_tensors.items():
+            for name, p in self.dst_params[r].items():
+                t = params[name]
+                if t.shape != torch.Size(p.shape) or (dtype is not None and t.dtype != dtype):
+                    raise ValueError(f"destination rank {r} {name} is {tuple(t.shape)} {t.dtype}, "
+                                     f"expected {p.shape}" + (f" {dtype}" if dtype is not None else ""))
+                axis = p.pieces[0].axis if p.pieces else 0
+                if sum(pc.stop - pc.start for pc in p.pieces) < p.shape[axis]:
+                    t.zero_()
+
     def src_process(self, rank):
         return rank
 
@@ -193,13 +207,7 @@ def apply(plan, src_shards, out=None):
         out = {r: {n: torch.zeros(p.shape, dtype=like.dtype, device=like.device) for n, p in ps.items()}
                for r, ps in plan.dst_params.items()}
     else:
-        for r, params in out.items():
-            for n, p in plan.dst_params[r].items():
-                if params[n].shape != torch.Size(p.shape):
-                    raise ValueError(f"destination rank {r} {n} is {tuple(params[n].shape)}, expected {p.shape}")
-                axis = p.pieces[0].axis if p.pieces else 0
-                if sum(pc.stop - pc.start for pc in p.pieces) < p.shape[axis]:
-                    params[n].zero_()
+        plan.prepare_destinations(out)
     for t in plan.transfers:
         dsts = [(r, n, off) for r, n, off in t.dsts if r in out]
         if not dsts:

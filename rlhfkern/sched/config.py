@@ -64,8 +64,9 @@ class OptimizerConfig(_Strict):
     grad_clip_norm: PositiveFloat | None = Field(1.0, description="max global L2 norm of the gradients; null: no clip")
 
 
-class ModelConfig(_Strict):
-    """One model: its source, backend and parallel shape. devices = tp * pp * dp."""
+class _Placed(_Strict):
+    """What every device-holding model has: its source, backend and parallel shape
+    (devices = tp * pp * dp)."""
 
     model: ModelSource | None = Field(None, description="null for rollout/reference/value: the policy's source")
     backend: Literal["hf"] = Field("hf", description="hf: transformers model, torch DDP over dp")
@@ -74,32 +75,26 @@ class ModelConfig(_Strict):
     dp: PositiveInt = 1
     devices: PositiveInt | None = Field(None, description="defaults to tp * pp * dp; must equal it")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    optimizer: OptimizerConfig | None = Field(None, description="trainers (policy, value) only")
 
     @property
     def world(self):
         return self.tp * self.pp * self.dp
 
 
-class RewardConfig(_Strict):
+class ModelConfig(_Placed):
+    """One model (policy, rollout, reference, value)."""
+
+    optimizer: OptimizerConfig | None = Field(None, description="trainers (policy, value) only")
+
+
+class RewardConfig(_Placed):
     """A reward: a rule (a Python callable `module:function`, called in batch as
     fn(prompts, responses) -> list of floats, token ids in and out) or a reward model (scores the
-    last token). The run's reward is sum(weight * reward)."""
+    last token; its model fields as any model's). The run's reward is sum(weight * reward)."""
 
     kind: Literal["rule", "model"]
     function: str | None = Field(None, description="rule: 'module:function'")
     weight: float = 1.0
-    model: ModelSource | None = None
-    backend: Literal["hf"] = "hf"
-    tp: PositiveInt = 1
-    pp: PositiveInt = 1
-    dp: PositiveInt = 1
-    devices: PositiveInt | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    @property
-    def world(self):
-        return self.tp * self.pp * self.dp
 
     @pydantic.model_validator(mode="after")
     def _kind(self):

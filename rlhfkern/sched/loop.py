@@ -30,7 +30,7 @@ import rlhfkern
 from . import tasks
 from .actors import ModelWorker, NonFiniteLoss, left_padded
 from .config import EngineConfig, load_callable, load_config
-from .memory import check_memory, estimate
+from .memory import check_memory, estimate, resolve_device
 from .placement import Placement
 
 PHASES = ("generate", "reward", "logprobs", "values", "advantages", "train", "sync", "eval")
@@ -86,9 +86,7 @@ class Engine:
         self.rewards = {n: (r, load_callable(r.function) if r.kind == "rule" else None)
                         for n, r in c.models.rewards.items()}
         self.placement = Placement(c)
-        self.device = c.placement.device
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = resolve_device(c)
         self.workers = None
         self.step = 0
         self.rollout_version = 0  # the policy step whose weights the rollout holds (last sync)

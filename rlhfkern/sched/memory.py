@@ -157,7 +157,9 @@ def _model_memory(cfg, name, causal_lm, trainable):
 
 def model_memory(cfg, name):
     """The exact static numbers of model `name` (policy, rollout, reference, value, reward:<n>)."""
-    causal_lm = not (name == "value" or name.startswith("reward:"))
+    from .actors import role_of
+
+    causal_lm = role_of(name) not in ("value", "reward")
     return _model_memory(cfg, name, causal_lm, name in TRAINERS)
 
 

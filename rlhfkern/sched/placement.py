@@ -48,8 +48,8 @@ class Placement:
         self.slots = {}  # model -> [Slot per rank]
         for i, pool in enumerate(self.pools):
             for name in pool.models:
-                share = sum(1 for n in pool.models)  # every member may sit on bundle 0
-                self.slots[name] = [Slot(name, r, i, r, 1.0 / share) for r in range(cfg.model(name).world)]
+                share = 1.0 / len(pool.models)  # every member may sit on bundle 0
+                self.slots[name] = [Slot(name, r, i, r, share) for r in range(cfg.model(name).world)]
         self.run_id = uuid.uuid4().hex[:8]  # placement group names are unique per Ray cluster
         self.groups = None     # Ray placement groups, one per pool
         self.nodes = None      # pool -> [node id per bundle]
