@@ -46,7 +46,6 @@ import torch
 
 PHASES = ("generate", "reward", "logprobs", "values", "train", "sync")
 STATE = ("weights", "gradients", "optimizer")
-TRANSIENT = ("activations", "kv_cache", "logits")
 TRAINERS = ("policy", "value")
 GIB = 2 ** 30
 

@@ -79,9 +79,6 @@ class DigitTask:
                 out.append(list(p))
         return out
 
-    def max_answer_tokens(self):
-        return self.max_digits + 1
-
 
 def reverse_reward(prompts, responses):
     """Rule reward of the ``reverse`` task (``rlhfkern.sched.tasks:reverse_reward`` in a config):
