@@ -37,7 +37,7 @@ def main():
     engine = Engine(s["config"], s["overrides"])
     engine.start()
     digest = weight_digest(engine.weights("policy").items())
-    pids = [os.getpid()] + [ray.get(w.info.remote())["pid"] for ws in engine.workers.values() for w in ws]
+    pids = [os.getpid()] + [ray.get(w.info.remote())["pid"] for w in engine.workers]
     state = {"trained": 0, "held": 0, "pending": None}
     generate, train_step = engine._generate, engine.train_step
 

@@ -75,7 +75,7 @@ def test_rollout_weights_equal_trainer_weights_after_each_sync(ray_gpus, tmp_pat
         assert json.loads((tmp_path / "ckpt" / "engine.json").read_text())["step"] == 2
         import ray
 
-        ray.get(e.workers["reference"][0].call.remote("load", str(tmp_path / "ckpt" / "policy" / "rank_0")))
+        ray.get(e.ranks["reference"][0].call("load", str(tmp_path / "ckpt" / "policy" / "rank_0")))
         assert_same_weights(trained, e.weights("reference"))  # the saved policy, loaded elsewhere
     finally:
         e.shutdown()
@@ -88,10 +88,10 @@ def assert_memory_estimate_matches_actors(e):
 
     from rlhfkern.sched.memory import model_memory
 
-    for name, workers in e.workers.items():
+    for name, ranks in e.ranks.items():
         mm = model_memory(e.cfg, name)
-        for w in workers:
-            real = ray.get(w.call.remote("memory_bytes"))
+        for r in ranks:
+            real = ray.get(r.call("memory_bytes"))
             assert real == {"weights": mm.weights, "gradients": mm.gradients, "optimizer": mm.optimizer}, name
 
 

@@ -64,32 +64,34 @@ def test_every_rank_lands_where_the_plan_says(ray_cluster, base):
     plan.create()
     Where = ray.remote(type("Where", (), {"where": lambda self: _where()}))
     try:
-        actors = {(m, s.rank): Where.options(**plan.actor_options(m, s.rank)).remote()
-                  for m, slots in plan.slots.items() for s in slots}
-        seen = dict(zip(actors, ray.get([a.where.remote() for a in actors.values()])))
+        actors = [Where.options(**plan.worker_options(i)).remote() for i in range(len(plan.workers))]
+        at = ray.get([a.where.remote() for a in actors])
+        seen = {(m, s.rank): at[s.worker] for m, slots in plan.slots.items() for s in slots}
         for (model, rank), got in seen.items():
             slot = plan.slots[model][rank]
             node, gpu = plan.where(model, rank)
             assert got["pg"] == plan.groups[slot.pool].id.hex(), (model, rank)
             assert (got["node"], got["gpu"]) == (node, gpu), (model, rank)
-            assert got["resources"] == pytest.approx({"GPU": slot.gpu_fraction}), (model, rank)
-        # a bundle is one GPU: colocated ranks on it share it, every other bundle has its own
+            assert got["resources"] == pytest.approx({"GPU": 1.0}), (model, rank)
+            assert model in plan.workers[slot.worker].models and plan.workers[slot.worker].bundle == rank
+        # a bundle is one GPU and one worker: colocated ranks on it share both, every other bundle has its own
         by_bundle = {}
         for (model, rank), got in seen.items():
             slot = plan.slots[model][rank]
-            by_bundle.setdefault((slot.pool, slot.bundle), set()).add(got["gpu"])
+            by_bundle.setdefault((slot.pool, slot.bundle), set()).add((got["gpu"], slot.worker))
         assert all(len(gpus) == 1 for gpus in by_bundle.values()), by_bundle
-        assert len({g for gpus in by_bundle.values() for g in gpus}) == len(by_bundle) == plan.devices()
+        assert len({g for gpus in by_bundle.values() for g in gpus}) == len(by_bundle) == plan.devices() == len(actors)
         colocated = [s for s in plan.pools if len(s.models) > 1][0].models
         pool = plan.slots[colocated[0]][0].pool
         assert len({seen[(m, 0)]["gpu"] for m in colocated}) == 1
+        assert len({plan.slots[m][0].worker for m in colocated}) == 1  # one process, models in turn
         assert all(plan.slots[m][0].pool != pool for m in plan.slots if m not in colocated)
         text = plan.report()
         assert "?" not in text.split("step")[0]
         for (model, rank), got in seen.items():
             assert re.search(rf"{re.escape(model)}\s+rank {rank}\s+bundle \d+\s+node {got['node'][:8]}\s+gpu "
                              rf"{got['gpu']}\b", text), (model, rank)
-        for a in actors.values():
+        for a in actors:
             ray.kill(a)
     finally:
         plan.remove()

@@ -1,7 +1,8 @@
-"""Model actors: one Ray actor per rank of a model, one interface for every backend.
+"""Model actors: one Ray actor per device hosting its model ranks, one interface for every backend.
 
-`ModelWorker` is the Ray actor; it holds one backend object (`HFBackend` for `backend: hf`) and
-forwards the interface the loop calls:
+`ModelWorker` is the Ray actor of one device (bundle): it holds one backend object per model
+rank placed there (`HFBackend` for `backend: hf`; several when models are colocated) and
+forwards the interface the loop calls, per model:
 
     generate(prompts, seed, greedy)      rollout: token ids in, right-padded responses out
     logprobs(batch, with_entropy)        reference (and any causal LM)
@@ -73,12 +74,23 @@ def position_ids(attention_mask):
 def left_padded(prompts):
     """Token-id lists -> (ids [B, P] left-padded with PAD, attention mask [B, P])."""
     P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), tasks.PAD, dtype=torch.int64)
-    am = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        am[i, P - len(p):] = 1
+    ids = torch.tensor([[tasks.PAD] * (P - len(p)) + list(p) for p in prompts], dtype=torch.int64)
+    am = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], dtype=torch.int64)
     return ids, am
+
+
+def sample_tokens(logits, temperature, top_p, generator=None):
+    """One token per row from softmax(logits / temperature), restricted to the nucleus: the
+    most likely tokens whose mass before them is < top_p (the smallest set reaching top_p; the
+    top token always). temperature 0 = greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1:
+        p, order = probs.sort(-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def response_mask_of(responses, eos_id):
@@ -116,7 +128,7 @@ class HFBackend:
                     m.p = 0.0
             o = mc.optimizer
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                               weight_decay=o.weight_decay)
+                                               weight_decay=o.weight_decay, fused=True)  # one kernel (CPU, CUDA)
             self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, process_group=group)
                         if world > 1 else self.model)
         else:
@@ -172,19 +184,33 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompts, seed, greedy=False):
-        """prompts: lists of token ids -> (responses [B, max_new_tokens] padded with PAD, their mask)."""
-        r = self.cfg.rollout
-        ids, am = left_padded(prompts)
-        P = ids.shape[1]
-        torch.manual_seed(seed)
-        sampling = {} if greedy else {"temperature": r.temperature, "top_p": r.top_p, "top_k": None}
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=am.to(self.device),
-                                  max_new_tokens=r.max_new_tokens, do_sample=not greedy, **sampling,
-                                  pad_token_id=self.hf_config.pad_token_id, eos_token_id=self.hf_config.eos_token_id)
-        resp = torch.full((len(prompts), r.max_new_tokens), tasks.PAD, dtype=torch.int64)
-        got = out[:, P:].cpu()
-        resp[:, :got.shape[1]] = got
-        return resp, response_mask_of(resp, self.hf_config.eos_token_id)
+        """prompts: lists of token ids -> (responses [B, max_new_tokens] padded with PAD, their
+        mask). Decoding with the model's KV cache: one prefill, then one token per row per step
+        (`sample_tokens` at the rollout temperature and top-p, or argmax when greedy), rows that
+        emitted EOS padded, stopping when every row has; seeded by `seed` (a generator of its own)."""
+        from transformers import DynamicCache
+
+        r, eos, dev = self.cfg.rollout, self.hf_config.eos_token_id, self.device
+        ids, am = (t.to(dev) for t in left_padded(prompts))
+        B = ids.shape[0]
+        gen = torch.Generator(dev).manual_seed(seed)
+        pos = position_ids(am)
+        resp = torch.full((B, r.max_new_tokens), tasks.PAD, dtype=torch.int64, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = self.model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         past_key_values=DynamicCache(config=self.hf_config))
+        for t in range(r.max_new_tokens):
+            tok = sample_tokens(out.logits[:, -1], 0 if greedy else r.temperature, r.top_p, gen).masked_fill(done, tasks.PAD)
+            resp[:, t] = tok
+            done |= tok == eos
+            if t + 1 == r.max_new_tokens or bool(done.all()):
+                break
+            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=tok[:, None], attention_mask=am, position_ids=pos, use_cache=True,
+                             past_key_values=out.past_key_values)
+        resp = resp.cpu()
+        return resp, response_mask_of(resp, eos)
 
     # ---------------------------------------------------------------------------- training
     def _minibatches(self, batch, minibatch, epochs):
@@ -320,27 +346,28 @@ BACKENDS = {"hf": HFBackend}
 
 
 class ModelWorker:
-    """The Ray actor of one rank of one model (created by the engine with ray.remote(...))."""
+    """The Ray actor (process) of one bundle: rank `rank` of each model in `models` (the models
+    of one colocation group time-share it; a separate model has a worker per rank). Created by
+    the engine with ray.remote(...); every call names the model it is for."""
 
-    def __init__(self, cfg, name, rank, device, threads):
+    def __init__(self, cfg, models, rank, device, threads):
         if device == "cpu":
             torch.set_num_threads(threads)
-        self.cfg, self.name, self.rank, self.device = cfg, name, rank, device
-        self.world = cfg.model(name).world
-        self.backend = None
+        self.cfg, self.models, self.rank, self.device = cfg, tuple(models), rank, device
+        self.backends = {}
         self.groups = {}
 
     def info(self):
         import ray
 
         ctx = ray.get_runtime_context()
-        return {"model": self.name, "rank": self.rank, "node": ctx.get_node_id(), "gpus": ray.get_gpu_ids(),
+        return {"models": self.models, "rank": self.rank, "node": ctx.get_node_id(), "gpus": ray.get_gpu_ids(),
                 "pid": os.getpid(), "placement_group": ctx.get_placement_group_id()}
 
     def init_groups(self, init_method, world_rank, world_size, groups):
-        """Joins the engine's process world (gloo) and creates every subgroup in `groups` (the
-        same ordered list of (key, [world ranks], backend) on every process), then builds the
-        backend with its model's group."""
+        """Joins the engine's process world (gloo, one rank per worker) and creates every subgroup
+        in `groups` (the same ordered list of (key, [world ranks], backend) on every process),
+        then builds each model's backend with its model's group."""
         dist.init_process_group("gloo", init_method=init_method, rank=world_rank, world_size=world_size)
         for key, ranks, backend in groups:
             g = dist.new_group(ranks, backend=backend)
@@ -349,13 +376,15 @@ class ModelWorker:
         device = self.device
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
-        self.backend = BACKENDS[self.cfg.model(self.name).backend](
-            self.cfg, self.name, self.rank, self.world, device, self.groups.get(("model", self.name)))
+        for name in self.models:
+            mc = self.cfg.model(name)
+            self.backends[name] = BACKENDS[mc.backend](self.cfg, name, self.rank, mc.world, device,
+                                                       self.groups.get(("model", name)))
         return True
 
-    def call(self, method, *args, **kwargs):
-        """Any backend method by name (generate, logprobs, values, scores, train_policy, ...)."""
-        return getattr(self.backend, method)(*args, **kwargs)
+    def call(self, model, method, *args, **kwargs):
+        """A backend method of `model` by name (generate, logprobs, values, scores, train_policy, ...)."""
+        return getattr(self.backends[model], method)(*args, **kwargs)
 
     # ---------------------------------------------------------------------------- weight sync
     def set_sync_plan(self, plan):
@@ -368,30 +397,35 @@ class ModelWorker:
         return True
 
     def sync_state(self):
-        """This trainer rank's weights for a colocated rollout (host tensors through Ray's object
-        store: shared memory on the node)."""
-        return {k: v.detach().to("cpu", copy=self.backend.device.type != "cpu") for k, v in
-                self.backend.named_tensors().items()}
+        """This worker's policy rank's weights for a colocated rollout rank in another worker
+        (host tensors through Ray's object store: shared memory on the node)."""
+        return {k: v.detach().to("cpu", copy=self.backends["policy"].device.type != "cpu") for k, v in
+                self.backends["policy"].named_tensors().items()}
 
     def sync_load(self, src_ranks, *src_shards):
-        """Colocated: the plan's transfers into this rollout rank, copied in this process from the
-        weights of the trainer ranks `src_ranks` (Ray resolves the object refs `src_shards`)."""
+        """Colocated: the plan's transfers into this worker's rollout rank, copied in this process
+        from the weights of the policy ranks `src_ranks`: a shard given as None is the policy rank
+        in this process (its tensors, read where they are), else the weights Ray resolved from
+        another worker's sync_state."""
         from ..reshard import apply
 
+        here = self.backends.get("policy")
+        shards = {s: here.named_tensors() if t is None else t for s, t in zip(src_ranks, src_shards)}
         with torch.no_grad():
-            apply(self.sync_plan, dict(zip(src_ranks, src_shards)), out={self.rank: self.backend.named_tensors()})
+            apply(self.sync_plan, shards, out={self.rank: self.backends["rollout"].named_tensors()})
         return True
 
     def sync_run(self, role):
-        """Separate pools: this process's part of the Resharder over the trainer+rollout group."""
-        mine = {self.rank: self.backend.named_tensors()}
+        """Separate pools: this process's part of the Resharder over the trainer+rollout group
+        (role "src": its policy rank sends; "dst": its rollout rank receives)."""
+        mine = {self.rank: self.backends["policy" if role == "src" else "rollout"].named_tensors()}
         with torch.no_grad():
             self.resharder.run(mine if role == "src" else None, mine if role == "dst" else None)
         return True
 
-    def weights(self):
-        """Every parameter as host tensors (tests compare trainer and rollout bitwise)."""
-        return {k: v.detach().cpu().clone() for k, v in self.backend.named_tensors().items()}
+    def weights(self, model):
+        """Every parameter of `model` as host tensors (tests compare trainer and rollout bitwise)."""
+        return {k: v.detach().cpu().clone() for k, v in self.backends[model].named_tensors().items()}
 
     def shutdown(self):
         if dist.is_initialized():

@@ -77,6 +77,17 @@ def init_ray(num_devices, temp_dir=None):
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}}, **kwargs)
 
 
+class Rank:
+    """One rank of one model: the worker (Ray actor) that hosts it, and the model's name there."""
+
+    def __init__(self, worker, model):
+        self.worker, self.model = worker, model
+
+    def call(self, method, *args):
+        """The backend's `method` on this rank: a Ray future."""
+        return self.worker.call.remote(self.model, method, *args)
+
+
 class Engine:
     def __init__(self, config, overrides=()):
         self.cfg = config if isinstance(config, EngineConfig) else load_config(config, overrides)
@@ -87,7 +98,8 @@ class Engine:
                         for n, r in c.models.rewards.items()}
         self.placement = Placement(c)
         self.device = resolve_device(c)
-        self.workers = None
+        self.workers = None  # one Ray actor per placement worker (Placement.workers)
+        self.ranks = None    # model -> [Rank per rank]
         self.step = 0
         self.rollout_version = 0  # the policy step whose weights the rollout holds (last sync)
         self.history = []
@@ -96,7 +108,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------ start-up
     def start(self):
-        """Ray, the placement groups, one actor per rank, their process groups, first sync."""
+        """Ray, the placement groups, one worker per bundle, their process groups, first sync."""
         memory = estimate(self.cfg, self.device)
         check_memory(memory)
         init_ray(self.placement.devices())
@@ -107,24 +119,22 @@ class Engine:
             print(self.placement.report(memory), flush=True)
         cls = ray.remote(ModelWorker)
         threads = self.cfg.placement.threads_per_actor
-        self.workers = {name: [cls.options(**self.placement.actor_options(name, r)).remote(
-                                   self.cfg, name, r, self.device, threads)
-                               for r in range(self.cfg.model(name).world)]
-                        for name in self.cfg.model_names()}
-        order = [(n, r) for n in self.cfg.model_names() for r in range(self.cfg.model(n).world)]
-        index = {k: i for i, k in enumerate(order)}
+        pl = self.placement
+        self.workers = [cls.options(**pl.worker_options(i)).remote(self.cfg, w.models, w.bundle, self.device, threads)
+                        for i, w in enumerate(pl.workers)]
+        self.ranks = {name: [Rank(self.workers[s.worker], name) for s in pl.slots[name]] for name in self.cfg.model_names()}
         nccl = "nccl" if self.device == "cuda" else "gloo"
-        groups = [(("model", n), [index[(n, r)] for r in range(self.cfg.model(n).world)], nccl)
+        groups = [(("model", n), [s.worker for s in pl.slots[n]], nccl)
                   for n in self.cfg.model_names() if self.cfg.model(n).world > 1]
         self.colocated_sync = self.cfg.colocated("policy", "rollout")
-        if not self.colocated_sync:
-            groups.append(("sync", [index[("policy", r)] for r in range(self.cfg.models.policy.world)]
-                           + [index[("rollout", r)] for r in range(self.cfg.models.rollout.world)], nccl))
+        if not self.colocated_sync:  # trainer ranks, then rollout ranks (the Resharder's order)
+            groups.append(("sync", [s.worker for s in pl.slots["policy"] + pl.slots["rollout"]], nccl))
         init = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
-        ray.get([self.workers[n][r].init_groups.remote(init, index[(n, r)], len(order), groups) for n, r in order])
+        ray.get([w.init_groups.remote(init, i, len(self.workers), groups) for i, w in enumerate(self.workers)])
         plan = self._plan()
         plan_ref = ray.put(plan)
-        ray.get([w.set_sync_plan.remote(plan_ref) for n in ("policy", "rollout") for w in self.workers[n]])
+        sync_workers = {s.worker for n in ("policy", "rollout") for s in pl.slots[n]}
+        ray.get([self.workers[i].set_sync_plan.remote(plan_ref) for i in sorted(sync_workers)])
         self.sync_sources = {i: sorted({t.src_rank for t in plan.transfers for r, _, _ in t.dsts if r == i})
                              for i in range(self.cfg.models.rollout.world)}  # trainer ranks feeding rollout rank i
         self._sync(self.step)
@@ -140,21 +150,20 @@ class Engine:
 
     def shutdown(self):
         if self.workers:
-            ray.get([w.shutdown.remote() for ws in self.workers.values() for w in ws])
-            for ws in self.workers.values():
-                for w in ws:
-                    ray.kill(w)
+            ray.get([w.shutdown.remote() for w in self.workers])
+            for w in self.workers:
+                ray.kill(w)
         self.placement.remove()
-        self.workers = None
+        self.workers = self.ranks = None
 
     # ------------------------------------------------------------------------------ helpers
     def _ranks(self, name):
-        return self.workers[name]
+        return self.ranks[name]
 
     def _scatter(self, name, method, batch, *args):
         """Calls `method` on every rank of `name` with its shard of `batch`; futures."""
         ranks = self._ranks(name)
-        return [w.call.remote(method, shard, *args) for w, shard in zip(ranks, _split(batch, len(ranks)))]
+        return [r.call(method, shard, *args) for r, shard in zip(ranks, _split(batch, len(ranks)))]
 
     def _gather(self, futures):
         """The ranks' results as one: tensors/lists concatenated (tuples element-wise), metric
@@ -194,7 +203,7 @@ class Engine:
         if models and self.device == "cuda" and self.cfg.placement.offload:
             grouped = {n for g in self.cfg.placement.colocate for n in g}
             for n in grouped:
-                calls += [w.call.remote("onload" if n in models else "offload") for w in self._ranks(n)]
+                calls += [r.call("onload" if n in models else "offload") for r in self._ranks(n)]
             ray.get(calls)
         t0 = time.perf_counter()
         yield
@@ -203,8 +212,8 @@ class Engine:
     def _generate(self, prompts, seed, greedy=False):
         """Futures of (responses, mask) per rollout rank; seeds differ per rank, not per topology."""
         ranks = self._ranks("rollout")
-        futures = [w.call.remote("generate", shard, seed * 1000003 + i, greedy)
-                   for i, (w, shard) in enumerate(zip(ranks, _split(prompts, len(ranks))))]
+        futures = [r.call("generate", shard, seed * 1000003 + i, greedy)
+                   for i, (r, shard) in enumerate(zip(ranks, _split(prompts, len(ranks))))]
         return futures, self.rollout_version
 
     def _prompts(self):
@@ -266,16 +275,22 @@ class Engine:
 
     def _sync(self, version):
         """Policy trainer -> rollout weights (rlhfkern.reshard plan). Colocated: every rollout rank
-        copies, in its process, from the trainer ranks the plan names (shared memory through
-        Ray's object store). Separate: the Resharder over the trainer+rollout process group."""
+        copies, in its process, from the trainer ranks the plan names (the one in the same
+        worker directly, others through Ray's object store: shared memory on the node).
+        Separate: the Resharder over the trainer+rollout process group."""
         trainers, rollouts = self._ranks("policy"), self._ranks("rollout")
         with self._phase("sync", {"policy", "rollout"}):
             if self.colocated_sync:
-                states = {s: trainers[s].sync_state.remote() for src in self.sync_sources.values() for s in src}
-                ray.get([w.sync_load.remote(self.sync_sources[i], *[states[s] for s in self.sync_sources[i]])
-                         for i, w in enumerate(rollouts)])
+                worker = {n: [s.worker for s in self.placement.slots[n]] for n in ("policy", "rollout")}
+                remote = {(i, s) for i, src in self.sync_sources.items() for s in src
+                          if worker["policy"][s] != worker["rollout"][i]}
+                states = {s: trainers[s].worker.sync_state.remote() for s in sorted({s for _, s in remote})}
+                ray.get([r.worker.sync_load.remote(self.sync_sources[i],
+                                                   *[states[s] if (i, s) in remote else None for s in self.sync_sources[i]])
+                         for i, r in enumerate(rollouts)])
             else:
-                ray.get([w.sync_run.remote("src") for w in trainers] + [w.sync_run.remote("dst") for w in rollouts])
+                ray.get([r.worker.sync_run.remote("src") for r in trainers]
+                        + [r.worker.sync_run.remote("dst") for r in rollouts])
         self.rollout_version = version
 
     # ------------------------------------------------------------------------------ one step
@@ -377,12 +392,13 @@ class Engine:
 
     def save(self, path):
         """Each trainer rank's model and optimizer under path/<model>/rank_<r>, and the loop state."""
-        ray.get([w.call.remote("save", os.path.join(path, name, f"rank_{r}"))
+        ray.get([rank.call("save", os.path.join(path, name, f"rank_{r}"))
                  for name in ("policy", "value") if getattr(self.cfg.models, name) is not None
-                 for r, w in enumerate(self._ranks(name))])
+                 for r, rank in enumerate(self._ranks(name))])
         with open(os.path.join(path, "engine.json"), "w") as f:
             json.dump({"step": self.step, "rng": self.rng.getstate()[1]}, f)
 
     def weights(self, name, rank=0):
-        return ray.get(self._ranks(name)[rank].weights.remote())
+        r = self._ranks(name)[rank]
+        return ray.get(r.worker.weights.remote(name))
 

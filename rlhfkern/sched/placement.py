@@ -1,9 +1,12 @@
 """Models -> Ray placement groups and bundles.
 
 A pool is a set of devices: one per colocation group (its models share the same bundles and
-time-share them, each rank asking for 1/k of a GPU when k models share a bundle), one per model
-outside any group. Rank r of a model lives on bundle r of its pool. One bundle = one device
-(a Ray GPU: a real one, or a logical one from `ray.init(num_gpus=N)` on a machine without GPUs).
+time-share them), one per model outside any group. Rank r of a model lives on bundle r of its
+pool. One bundle = one device (a Ray GPU: a real one, or a logical one from
+`ray.init(num_gpus=N)` on a machine without GPUs) = one worker process (a Ray actor asking for
+the bundle's whole GPU) that hosts the ranks of every pool model on that bundle: colocated models
+take turns inside one process (as verl's hybrid engine), so a phase change costs no process
+switch, and the policy -> rollout sync of a colocated pair is a copy inside that process.
 
 `Placement.report()` (and `plan_text(cfg)`, what `rlhfkern plan` prints) shows the topology, the
 phase schedule of one step and the memory estimate of `memory.estimate`; `check_memory` refuses a
@@ -15,7 +18,7 @@ import uuid
 
 from .memory import check_memory, estimate, fmt_bytes
 
-__all__ = ["Pool", "Slot", "Placement", "plan_text", "check_memory"]
+__all__ = ["Pool", "Slot", "Worker", "Placement", "plan_text", "check_memory"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,16 @@ class Slot:
     rank: int
     pool: int        # index into Placement.pools
     bundle: int      # bundle index in that pool's placement group
-    gpu_fraction: float
+    worker: int      # index into Placement.workers: the process it runs in
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """One process (Ray actor) on one bundle, hosting rank `bundle` of each of `models`."""
+
+    pool: int
+    bundle: int
+    models: tuple
 
 
 class Placement:
@@ -46,10 +58,13 @@ class Placement:
         self.cfg = cfg
         self.pools = cfg.pools()
         self.slots = {}  # model -> [Slot per rank]
+        self.workers = []
         for i, pool in enumerate(self.pools):
-            for name in pool.models:
-                share = 1.0 / len(pool.models)  # every member may sit on bundle 0
-                self.slots[name] = [Slot(name, r, i, r, share) for r in range(cfg.model(name).world)]
+            for b in range(pool.devices):
+                here = tuple(n for n in pool.models if b < cfg.model(n).world)
+                for name in here:
+                    self.slots.setdefault(name, []).append(Slot(name, b, i, b, len(self.workers)))
+                self.workers.append(Worker(i, b, here))
         self.run_id = uuid.uuid4().hex[:8]  # placement group names are unique per Ray cluster
         self.groups = None     # Ray placement groups, one per pool
         self.nodes = None      # pool -> [node id per bundle]
@@ -90,11 +105,11 @@ class Placement:
         gpu = self.gpus[slot.pool][slot.bundle] if self.gpus else "?"
         return node, gpu
 
-    def actor_options(self, model, rank):
-        """Ray .options(...) for rank `rank` of `model`: its bundle, its share of the GPU."""
-        slot = self.slots[model][rank]
-        return {"num_gpus": slot.gpu_fraction, "num_cpus": 0,
-                "scheduling_strategy": self._strategy(slot.pool, slot.bundle)}
+    def worker_options(self, worker):
+        """Ray .options(...) for worker `worker` (an index into self.workers): its bundle, the
+        bundle's GPU."""
+        w = self.workers[worker]
+        return {"num_gpus": 1, "num_cpus": 0, "scheduling_strategy": self._strategy(w.pool, w.bundle)}
 
     def remove(self):
         if self.groups:
@@ -116,7 +131,7 @@ class Placement:
                  f"({p.nodes} node(s) x {p.devices_per_node}); "
                  f"tensors on {memory.device}; offload {offload}"]
         for i, pool in enumerate(self.pools):
-            kind = f"colocated, 1/{len(pool.models)} GPU per rank" if len(pool.models) > 1 else "separate"
+            kind = "colocated: one process per device, models in turn" if len(pool.models) > 1 else "separate"
             lines.append(f"  pool {i} {pool.name}: {pool.devices} device(s), {kind}")
             width = max(map(len, pool.models))
             for name in pool.models:

@@ -1,0 +1,78 @@
+"""The hf backend's own decoding loop (KV cache, left-padded prompts, EOS handling) and its
+sampler, against transformers' generate and the exact distribution. No Ray: a backend object in
+this process."""
+
+import random
+
+import pytest
+import torch
+
+from rlhfkern.sched import tasks
+from rlhfkern.sched.actors import HFBackend, left_padded, response_mask_of, sample_tokens
+from rlhfkern.sched.config import default_config_path, load_config
+
+
+def backend(*overrides):
+    cfg = load_config(default_config_path(), list(overrides))
+    return HFBackend(cfg, "rollout", 0, 1, "cpu", None)
+
+
+def prompts_of_mixed_lengths(n=24):
+    task = tasks.DigitTask("copy", 1, 5, 10, 0)
+    return task.train_prompts(n, random.Random(3))
+
+
+def test_left_padded():
+    ids, am = left_padded([[5, 6, 7], [8]])
+    assert ids.tolist() == [[5, 6, 7], [tasks.PAD, tasks.PAD, 8]]
+    assert am.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("eos_bias", [0.0, 6.0], ids=["few-eos", "early-eos"])
+def test_greedy_decoding_equals_transformers_generate(eos_bias):
+    """Same tokens as HF generate (greedy) on prompts of mixed lengths; after the first EOS a
+    row holds PAD. With a bias on the EOS logit most rows stop early (the loop may end early)."""
+    b = backend("rollout.max_new_tokens=7")
+    with torch.no_grad():
+        b.model.lm_head.weight.mul_(8.0)  # a peaked (non-uniform) distribution
+        b.model.lm_head.weight[tasks.EOS] += eos_bias * b.model.lm_head.weight[tasks.EOS].sign()
+    prompts = prompts_of_mixed_lengths()
+    resp, mask = b.generate(prompts, seed=0, greedy=True)
+    ids, am = left_padded(prompts)
+    ref = b.model.generate(input_ids=ids, attention_mask=am, max_new_tokens=7, do_sample=False,
+                           pad_token_id=tasks.PAD, eos_token_id=tasks.EOS)[:, ids.shape[1]:]
+    expect = torch.full_like(resp, tasks.PAD)
+    expect[:, :ref.shape[1]] = ref
+    assert torch.equal(resp, expect)
+    assert torch.equal(mask, response_mask_of(expect, tasks.EOS))
+    if eos_bias:
+        assert (resp == tasks.EOS).any(1).float().mean() > 0.5
+
+
+def test_sampling_is_seeded():
+    b = backend("rollout.temperature=0.7")
+    prompts = prompts_of_mixed_lengths(8)
+    first, _ = b.generate(prompts, seed=11)
+    assert torch.equal(first, b.generate(prompts, seed=11)[0])
+    assert not torch.equal(first, b.generate(prompts, seed=12)[0])
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.75, 0.3, 1e-6])
+def test_sample_tokens_matches_the_nucleus_distribution(top_p):
+    """Empirical frequencies over 200k draws equal softmax(logits / T) restricted to the nucleus
+    (the most likely tokens until their mass reaches top_p) and renormalised."""
+    logits = torch.tensor([2.0, 0.5, 1.0, -1.0, 3.0, 0.0])
+    T = 1.3
+    p = torch.softmax(logits.double() / T, -1)
+    order = p.argsort(descending=True)
+    before = torch.cumsum(p[order], 0) - p[order]
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    keep[order[before < top_p]] = True
+    want = torch.where(keep, p, 0.0)
+    want /= want.sum()
+    n = 200_000
+    got = sample_tokens(logits.expand(n, -1), T, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(got, minlength=6).double() / n
+    assert (freq[~keep] == 0).all()
+    assert torch.allclose(freq, want, atol=4e-3), (freq, want)
+    assert sample_tokens(logits[None], 0, top_p).item() == 4  # greedy
