@@ -24,15 +24,18 @@ The same work everywhere:
 
 How it is timed: every system runs in a process of its own (each engine in its own Ray driver, a
 job of this process's Ray cluster: bench/engine_runner.py; TRL: bench/trl_baseline.py), held
-between RL steps and released one step per ``go``. A benchmark round runs one step of every system,
-one after another, in an order that rotates each round, so that whatever else the (shared) machine
-is doing falls on all of them alike; pytest-benchmark times the round, perf_counter each step in
-it. 2 warm-up rounds, then 10 timed (RLHFKERN_BENCH_ROUNDS). Per system: median seconds per step,
-tokens per step (response tokens up to and including EOS: the engine's `tokens_generated`, TRL's
-completion mask, PPO's response up to the first PAD as trl truncates it; trained = that x PPO
-epochs) over that median, the ratio of generated tokens/s to TRL GRPO's and TRL PPO's at the same
-threads per process, and for the engine its seconds per phase per step (`engine.phase_seconds`,
-mean over the timed steps).
+between rounds and released one round per ``go``. A benchmark round runs 4 consecutive RL steps
+(RLHFKERN_BENCH_STEPS_PER_ROUND) of every system, one system after another, in an order that
+rotates each round, so that whatever else the (shared) machine is doing falls on all of them
+alike, while each system runs as in a real run (consecutive steps, not one step after the
+others' idle time); pytest-benchmark times the round, perf_counter each system's part of it.
+2 warm-up rounds, then 10 timed (RLHFKERN_BENCH_ROUNDS); RLHFKERN_BENCH_SYSTEMS="engine
+colocated,TRL GRPO" (names of SYSTEMS, comma-separated) runs only those. Per system: median over rounds of its
+seconds per step (its part / steps), tokens per step (response tokens up to and including EOS:
+the engine's `tokens_generated`, TRL's completion mask, PPO's response up to the first PAD as
+trl truncates it; trained = that x PPO epochs) over that median, the ratio of generated
+tokens/s to TRL GRPO's and TRL PPO's at the same threads per process, and for the engine its
+seconds per phase per step (`engine.phase_seconds`, mean over the timed steps).
 
 The PPO row needs a venv with trl 1.12: $RLHFKERN_TRL112_PYTHON, or .venv-trl112 at the repository
 root, created here on first use (torch and transformers pinned to this venv's; about 2 minutes
@@ -62,6 +65,7 @@ import trl_baseline  # noqa: E402
 CONFIG = os.path.join(ROOT, "rlhfkern", "sched", "configs", "default.yaml")
 TASKS_PY = os.path.join(ROOT, "rlhfkern", "sched", "tasks.py")
 WARMUP, ROUNDS = 2, int(os.environ.get("RLHFKERN_BENCH_ROUNDS", "10"))
+STEPS_PER_ROUND = int(os.environ.get("RLHFKERN_BENCH_STEPS_PER_ROUND", "4"))
 GROUP = "RL step, tiny default run (rlhfkern/sched/configs/default.yaml), CPU"
 SEPARATE = ["placement.colocate=[[policy,reference]]", "placement.devices_per_node=2"]
 TRL112_PYTHON = os.environ.get("RLHFKERN_TRL112_PYTHON", os.path.join(ROOT, ".venv-trl112", "bin", "python"))
@@ -164,20 +168,22 @@ class System:
             self.log.close()
 
     def row(self, epochs):
-        """The table row of the timed steps."""
+        """The table row of the timed rounds, per step (a round's time and tokens / its steps)."""
         label, kind, _, _ = SYSTEMS[self.name]
-        steps, seconds = self.steps[-ROUNDS:], self.seconds[-ROUNDS:]
+        K = STEPS_PER_ROUND
+        steps, seconds = self.steps[-ROUNDS:], [t / K for t in self.seconds[-ROUNDS:]]
         median = statistics.median(seconds)
-        gen = sum(s["tokens_generated"] for s in steps) / ROUNDS
-        trained = sum(s.get("tokens_trained", s["tokens_generated"] * epochs) for s in steps) / ROUNDS
+        gen = sum(s["tokens_generated"] for s in steps) / ROUNDS / K
+        trained = sum(s.get("tokens_trained", s["tokens_generated"] * epochs) for s in steps) / ROUNDS / K
         q = statistics.quantiles(seconds, n=4)
         notes = {"seconds per step": f"median {median:.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, min {min(seconds):.3f}",
-                 "CPU seconds per step (its processes)": f"{(self.cpu[-1] - self.cpu[-ROUNDS - 1]) / ROUNDS:.3f}"}
+                 "CPU seconds per step (its processes)": f"{(self.cpu[-1] - self.cpu[-ROUNDS - 1]) / ROUNDS / K:.3f}"}
         if kind == "engine":
             first, last = self.steps[-ROUNDS - 1]["phases"], steps[-1]["phases"]
-            notes["engine phases (s/step, mean)"] = ", ".join(f"{p} {(last[p] - first[p]) / ROUNDS:.3f}"
+            notes["engine phases (s/step, mean)"] = ", ".join(f"{p} {(last[p] - first[p]) / ROUNDS / K:.3f}"
                                                               for p in last if last[p] - first[p] > 0)
-            notes["engine's own step seconds (median)"] = f"{statistics.median(s['seconds'] for s in steps):.3f}"
+            own = [t for s in steps for t in s["step_seconds"]]
+            notes["engine's own step seconds (median)"] = f"{statistics.median(own):.3f}"
         else:
             notes["versions"] = (f"trl {self.info['trl']}, transformers {self.info['transformers']}, "
                                  f"torch {self.info['torch']}, {self.info['threads']} threads")
@@ -212,12 +218,13 @@ def systems(tmp_path_factory):
     (rule,) = [rc for rc in cfg.models.rewards.values() if rc.kind == "rule"]  # the task's rule reward
     trl_spec = {"model_dir": str(work / "policy"), "value_dir": str(work / "value"), "tasks_py": TASKS_PY,
                 "reward": rule.function.split(":")[1],
-                "prompts": task.train_prompts(t.prompts_per_step * steps, random.Random(1)),
+                "prompts": task.train_prompts(t.prompts_per_step * steps * STEPS_PER_ROUND, random.Random(1)),
                 "prompts_per_step": t.prompts_per_step, "samples": r.samples_per_prompt,
                 "max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
                 "lr": cfg.models.policy.optimizer.lr, "grad_clip": cfg.models.policy.optimizer.grad_clip_norm,
                 "kl_coef": a.kl_coef, "clip_low": a.clip_low, "clip_high": a.clip_high,
-                "minibatch": t.minibatch_sequences, "ppo_epochs": t.ppo_epochs, "steps": steps, "seed": t.seed,
+                "minibatch": t.minibatch_sequences, "ppo_epochs": t.ppo_epochs, "steps": steps,
+                "steps_per_round": STEPS_PER_ROUND, "seed": t.seed,
                 "threads": cfg.placement.threads_per_actor}
     ray_dir = f"/tmp/rkb{os.getpid()}"  # short: Ray's socket paths must fit in 107 bytes
     ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, _temp_dir=ray_dir, configure_logging=False,
@@ -225,9 +232,12 @@ def systems(tmp_path_factory):
     address = ray.get_runtime_context().gcs_address
     started, skipped = [], {}
     try:
+        chosen = [n.strip() for n in os.environ.get("RLHFKERN_BENCH_SYSTEMS", ",".join(SYSTEMS)).split(",")]
         for name, (_, kind, arg, threads) in SYSTEMS.items():
+            if name not in chosen:
+                continue
             if kind == "engine":
-                spec = {"address": address, "config": CONFIG, "steps": steps,
+                spec = {"address": address, "config": CONFIG, "steps": steps, "steps_per_round": STEPS_PER_ROUND,
                         "overrides": [f"logging.run_dir={work / name.replace(' ', '_')}", "logging.plot=false",
                                       "train.eval_every_steps=0", *arg]}
                 started.append(System(name, spec, sys.executable, "engine_runner.py", work))
@@ -264,8 +274,9 @@ def bench_rl_step(benchmark, systems):
     load_before = os.getloadavg()[0]
     benchmark.group = GROUP
     benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    notes = {"timing": f"{WARMUP} warm-up + {ROUNDS} timed rounds, one step of every system per round, in a "
-                       "rotating order; time per call = median seconds per step",
+    notes = {"timing": f"{WARMUP} warm-up + {ROUNDS} timed rounds; a round runs {STEPS_PER_ROUND} consecutive "
+                       "steps of every system, one system after another in an order that rotates each round; "
+                       f"time per call = median over rounds of a system's seconds / {STEPS_PER_ROUND}",
              "machine load average (1 min), before -> after": f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}",
              **{f"skipped {k}": v for k, v in skipped.items()}}
     rows = {s.name: s.row(cfg.train.ppo_epochs) for s in started}
@@ -279,5 +290,5 @@ def bench_rl_step(benchmark, systems):
                     row["rates"]["generated tok/s"] / rows[paired]["rates"]["generated tok/s"])
     notes["ratios"] = ("generated tokens/s of the row over that of the TRL row with the same torch threads per "
                        f"process ({cfg.placement.threads_per_actor} = the engine's placement.threads_per_actor, or 1)")
-    benchmark.extra_info.update(label=f"one round: one step of each of {len(started)} systems, in turn",
+    benchmark.extra_info.update(label=f"one round: {STEPS_PER_ROUND} steps of each of {len(started)} systems, in turn",
                                 rows=list(rows.values()), group_notes=notes)

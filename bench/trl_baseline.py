@@ -10,8 +10,8 @@ file, loaded by path.
 
 Protocol on stdout (everything else the trainer prints goes to stderr): ``READY {json}`` once the
 trainer is built (the json has the policy's weight digest), then, for every ``go`` line read from
-stdin, one RL step (generate one batch of prompts x samples, score it, train on it) answered by
-``STEP {json}`` (tokens generated, mean reward); after the last step the trainer waits for ``end``
+stdin, ``steps_per_round`` RL steps (each: generate one batch of prompts x samples, score it,
+train on it) answered by ``STEP {json}`` (tokens generated over them, mean reward); after the last step the trainer waits for ``end``
 (so that its wind-down runs beside no other system's step), then says ``END`` and exits. A step's
 wall time is measured by the caller around that exchange.
 """
@@ -79,7 +79,8 @@ def gate_callback(channel, every, steps, counter, digest_of):
     from transformers import TrainerCallback
 
     class Gate(TrainerCallback):
-        """Holds the trainer before its first step and after every RL step until the caller says go."""
+        """Holds the trainer before its first step and after every round (`every` optimizer
+        steps) until the caller says go; `steps`: the rounds."""
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             import torch
@@ -141,9 +142,10 @@ def run_grpo(s, channel, tasks, counter):
                       num_generations=s["samples"], max_completion_length=s["max_new_tokens"],
                       temperature=s["temperature"], top_p=s["top_p"], beta=s["kl_coef"], epsilon=s["clip_low"],
                       epsilon_high=s["clip_high"], loss_type="dapo", scale_rewards="group",
-                      max_grad_norm=s["grad_clip"], max_steps=s["steps"] * (per_gen // mb) * s["ppo_epochs"])
+                      max_grad_norm=s["grad_clip"],
+                      max_steps=s["steps"] * s["steps_per_round"] * (per_gen // mb) * s["ppo_epochs"])
     data = Dataset.from_dict({"prompt": [to_text(p) for p in s["prompts"]]})
-    every = (per_gen // mb) * s["ppo_epochs"]  # optimizer steps per RL step
+    every = (per_gen // mb) * s["ppo_epochs"] * s["steps_per_round"]  # optimizer steps per round
     trainer = GRPOTrainer(model=s["model_dir"], reward_funcs=[rule_reward], args=args, train_dataset=data,
                           processing_class=tokenizer(),
                           callbacks=[gate_callback(channel, every, s["steps"], counter,
@@ -205,7 +207,8 @@ def run_ppo(s, channel, tasks, counter):
     # minibatch, so no accumulation); rollouts are generated local_rollout_forward_batch_size at a time.
     args = PPOConfig(**common_args(s), per_device_train_batch_size=per_gen, gradient_accumulation_steps=1,
                      num_mini_batches=per_gen // mb, num_ppo_epochs=s["ppo_epochs"],
-                     local_rollout_forward_batch_size=per_gen, total_episodes=s["steps"] * per_gen,
+                     local_rollout_forward_batch_size=per_gen,
+                     total_episodes=s["steps"] * s["steps_per_round"] * per_gen,
                      response_length=s["max_new_tokens"], temperature=s["temperature"], stop_token="eos",
                      kl_coef=s["kl_coef"], cliprange=s["clip_low"], max_grad_norm=s["grad_clip"],
                      num_sample_generations=0)
@@ -220,7 +223,8 @@ def run_ppo(s, channel, tasks, counter):
     digest = weight_digest(policy.named_parameters())
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          train_dataset=data, value_model=value, eval_dataset=data.select(range(8)),
-                         callbacks=[gate_callback(channel, 1, s["steps"], counter, lambda m: digest)])
+                         callbacks=[gate_callback(channel, s["steps_per_round"], s["steps"], counter,
+                                                    lambda m: digest)])
     trainer.train()
 
 

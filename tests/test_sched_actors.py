@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhfkern.sched import tasks
-from rlhfkern.sched.actors import HFBackend, left_padded, response_mask_of, sample_tokens
+from rlhfkern.sched.actors import HFBackend, from_wire, left_padded, response_mask_of, sample_tokens, to_wire
 from rlhfkern.sched.config import default_config_path, load_config
 
 
@@ -76,3 +76,18 @@ def test_sample_tokens_matches_the_nucleus_distribution(top_p):
     assert (freq[~keep] == 0).all()
     assert torch.allclose(freq, want, atol=4e-3), (freq, want)
     assert sample_tokens(logits[None], 0, top_p).item() == 4  # greedy
+
+
+def test_wire_round_trip():
+    """What the loop sends a worker comes back as equal tensors (dtypes kept; bf16 as is);
+    prompts (lists) and scalars are untouched."""
+    x = {"ids": torch.arange(12).view(3, 4)[:, ::2], "lp": torch.randn(3, 2), "bf": torch.ones(2, dtype=torch.bfloat16),
+         "pair": (torch.zeros(2, dtype=torch.int32), None), "prompts": [[1, 2], [3]], "step": 5}
+    wire = to_wire(x)
+    assert not torch.is_tensor(wire["ids"]) and torch.is_tensor(wire["bf"])
+    back = from_wire(wire)
+    for k in ("ids", "lp", "bf"):
+        assert back[k].dtype == x[k].dtype and torch.equal(back[k], x[k])
+    assert torch.equal(back["pair"][0], x["pair"][0]) and back["pair"][1] is None
+    assert back["prompts"] == x["prompts"] and back["step"] == 5
+    back["lp"] += 1  # writable, not a view of the sender's buffer

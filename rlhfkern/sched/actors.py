@@ -24,6 +24,7 @@ values, returns) as the phase needs them.
 
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,6 +37,29 @@ LOGITS_BUDGET_BYTES = 256 << 20  # above this, log-probs are fused with the LM h
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def to_wire(x):
+    """What crosses Ray between the loop and a worker: CPU tensors (in dicts and tuples) as numpy
+    arrays, which Ray serialises about 3x faster than tensors; bf16 and CUDA tensors as they are."""
+    if isinstance(x, dict):
+        return {k: to_wire(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(to_wire(v) for v in x)
+    if torch.is_tensor(x) and x.device.type == "cpu" and x.dtype != torch.bfloat16:
+        return x.detach().numpy()
+    return x
+
+
+def from_wire(x):
+    """The inverse of to_wire (Ray hands out read-only arrays: copied into tensors)."""
+    if isinstance(x, dict):
+        return {k: from_wire(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(from_wire(v) for v in x)
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.copy())
+    return x
 
 
 def role_of(name):
@@ -383,8 +407,9 @@ class ModelWorker:
         return True
 
     def call(self, model, method, *args, **kwargs):
-        """A backend method of `model` by name (generate, logprobs, values, scores, train_policy, ...)."""
-        return getattr(self.backends[model], method)(*args, **kwargs)
+        """A backend method of `model` by name (generate, logprobs, values, scores, train_policy, ...);
+        arguments and result as `to_wire` sends them."""
+        return to_wire(getattr(self.backends[model], method)(*map(from_wire, args), **kwargs))
 
     # ---------------------------------------------------------------------------- weight sync
     def set_sync_plan(self, plan):

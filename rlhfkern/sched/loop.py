@@ -11,6 +11,8 @@ last response token. The KL to the reference enters the actor loss (`algorithm.k
 `kl_kind`), as verl's `use_kl_loss`. Advantages: ppo = GAE over the value model
 (`rlhfkern.gae`, whitened when `whiten_advantages`), grpo / rloo / reinforce_pp = the
 `rlhfkern` estimators. Old log-probs are recomputed by the policy trainer before its update.
+The reference log-probs are started before the rewards are scored, so the driver scores while
+the reference's worker computes. Batches cross Ray as numpy arrays (actors.to_wire).
 """
 
 import collections
@@ -28,7 +30,7 @@ import torch
 import rlhfkern
 
 from . import tasks
-from .actors import ModelWorker, NonFiniteLoss, left_padded
+from .actors import ModelWorker, NonFiniteLoss, from_wire, left_padded, to_wire
 from .config import EngineConfig, load_callable, load_config
 from .memory import check_memory, estimate, resolve_device
 from .placement import Placement
@@ -84,8 +86,8 @@ class Rank:
         self.worker, self.model = worker, model
 
     def call(self, method, *args):
-        """The backend's `method` on this rank: a Ray future."""
-        return self.worker.call.remote(self.model, method, *args)
+        """The backend's `method` on this rank: a Ray future (of its result as `to_wire` sends it)."""
+        return self.worker.call.remote(self.model, method, *map(to_wire, args))
 
 
 class Engine:
@@ -169,7 +171,7 @@ class Engine:
         """The ranks' results as one: tensors/lists concatenated (tuples element-wise), metric
         dicts averaged. A non-finite loss on a rank becomes a TrainingError naming the step."""
         try:
-            out = ray.get(futures)
+            out = [from_wire(o) for o in ray.get(futures)]
         except ray.exceptions.RayTaskError as e:
             if isinstance(getattr(e, "cause", None), NonFiniteLoss):
                 raise TrainingError(str(e.cause)) from None
@@ -311,11 +313,14 @@ class Engine:
             futures, version = pending or self._generate(prompts, self._seed())
             responses, mask = self._gather(futures)
         batch = self._make_batch(prompts, responses, mask)
+        if c.models.reference is not None:  # (the old log-probs: the trainer's, in its train call)
+            with self._phase("logprobs", {"reference"}):  # started here, it runs while rewards are computed
+                ref_futures = self._scatter("reference", "logprobs", batch, False)
         with self._phase("reward", {n for n in c.model_names() if n.startswith("reward:")}):
             scores, parts = self._rewards(prompts, responses, mask, batch)
-        if c.models.reference is not None:  # (the old log-probs: the trainer's, in its train call)
-            with self._phase("logprobs", {"reference"}):
-                batch["ref_log_prob"], _ = self._gather(self._scatter("reference", "logprobs", batch, False))
+        if c.models.reference is not None:
+            with self._phase("logprobs"):
+                batch["ref_log_prob"], _ = self._gather(ref_futures)
         if a.name == "ppo":
             with self._phase("values", {"value"}):
                 batch["values"] = self._gather(self._scatter("value", "values", batch))
