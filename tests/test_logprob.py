@@ -231,6 +231,14 @@ def test_compat_openrlhf_and_trl_match(monkeypatch, backend_device):
                                                 **{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()})
         close(ours, trl_utils.selective_log_softmax(x, index, **kw), 1e-5, 1e-6)
     close(compat_trl.entropy_from_logits(x.to(device)), trl_utils.entropy_from_logits(x), 1e-5, 1e-5)
+    rows = torch.randint(0, 300, (4,))
+    mask = torch.tensor([1, 0, 1, 1])
+    for kw in (dict(), dict(temperature=0.8, row_mask=mask), dict(entropy_requires_grad=False)):
+        dev_kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()}
+        lp, ent = compat_trl.selective_log_softmax_and_entropy(x.to(device), rows.to(device), **dev_kw)
+        want_lp, want_ent = trl_utils.selective_log_softmax_and_entropy(x, rows, **kw)
+        close(lp, want_lp, 1e-5, 1e-6)
+        close(ent, want_ent, 1e-5, 1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -3,6 +3,7 @@
 aggregation modes).
 
     from rlhfkern.compat.openrlhf import PolicyLoss, ValueLoss, compute_approx_kl, log_probs_from_logits
+    rlhfkern.compat.openrlhf.patch()    # or: installed into OpenRLHF itself (undo handle returned)
 
 PolicyLoss (policy_loss_type="ppo", with or without the train/rollout IS correction) and
 ValueLoss run the fused kernels: OpenRLHF's token-level loss is our "token-mean", its
@@ -146,3 +147,18 @@ def compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimato
 def log_probs_from_logits(logits, labels, temperature=1.0):
     """OpenRLHF log_probs_from_logits: log-probs of labels under softmax(logits / temperature)."""
     return _lp.logprobs(logits, labels, temperature=temperature)
+
+
+# Where each drop-in replaces OpenRLHF's (its defining module; openrlhf.models re-exports the losses).
+TARGETS = {
+    "openrlhf.models.loss": ("PolicyLoss", "ValueLoss"),
+    "openrlhf.models.utils": ("compute_approx_kl", "log_probs_from_logits"),
+}
+
+
+def patch():
+    """Installs these drop-ins into the installed OpenRLHF (every module holding one of them,
+    `from openrlhf.models import PolicyLoss` included). Returns the undo handle."""
+    from . import _patch
+
+    return _patch.patch("openrlhf", {m: {n: globals()[n] for n in names} for m, names in TARGETS.items()})

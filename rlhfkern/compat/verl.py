@@ -1,6 +1,7 @@
 """Drop-in replacements for verl 0.9.1 functions: same signatures, same results.
 
     from rlhfkern.compat.verl import compute_gae_advantage_return, compute_policy_loss_vanilla
+    rlhfkern.compat.verl.patch()    # or: installed into verl itself (undo handle returned)
 
 Differences, all deliberate: outputs are float32 for bf16/fp16 inputs (verl computes in the
 input dtype); a bool response_mask is accepted (verl's `1 - mask` rejects it); masked-out tokens
@@ -171,3 +172,23 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
         raise ValueError(f"reduction={reduction!r} is not provided by rlhfkern's drop-in (only 'none')")
     return _lp.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                                temperature=temperature, return_entropy=True, tp_group=dist_process_group)
+
+
+# Where each drop-in replaces verl's function (its defining module).
+TARGETS = {
+    "verl.utils.torch_functional": ("masked_whiten", "logprobs_from_logits", "entropy_from_logits"),
+    "verl.trainer.ppo.core_algos": (
+        "compute_gae_advantage_return", "agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla",
+        "compute_value_loss", "kl_penalty", "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage",
+        "compute_reinforce_plus_plus_baseline_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage"),
+    "verl.utils.kernel.linear_cross_entropy": ("linear_cross_entropy",),
+}
+
+
+def patch():
+    """Installs these drop-ins into the installed verl: every module that holds one of the
+    functions above (`from ... import` included) and verl's policy-loss and advantage-estimator
+    registries now call rlhfkern's. Returns the undo handle (rlhfkern.compat._patch.Patch)."""
+    from . import _patch
+
+    return _patch.patch("verl", {m: {n: globals()[n] for n in names} for m, names in TARGETS.items()})
