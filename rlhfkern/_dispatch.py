@@ -33,7 +33,8 @@ _EXTENSION, EXTENSION_ERROR = _load_extension()
 _BUILD_INFO = _EXTENSION.build_info() if _EXTENSION is not None else {
     "cpu": False, "cuda": False, "cuda_arches": "", "openmp": False}
 # found, not imported: TRITON_INTERPRET must still be settable after `import rlhfkern`
-TRITON_ERROR = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+TRITON_ERROR = (None if importlib.util.find_spec("triton") is not None
+                else "triton is not installed (pip install 'rlhfkern[triton]')")
 
 
 def extension():

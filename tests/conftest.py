@@ -7,21 +7,32 @@ import sys
 import torch
 
 if not torch.cuda.is_available():  # on a GPU Triton compiles: never force the interpreter there
-    assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could configure it"
+    assert sys.modules.get("triton") is None, "triton was imported before tests/conftest.py could configure it"
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
 GPU = torch.cuda.is_available()
 
+
+def need(*modules, extra):
+    """Skips the caller (a test, or a whole test module when called at its top) unless every one
+    of `modules` imports: they come with `pip install 'rlhfkern[<extra>]'`."""
+    for m in modules:
+        pytest.importorskip(m, reason=f"{m} is not installed (pip install 'rlhfkern[{extra}]')")
+
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
 # tests/vllm runs in its own venv with vLLM (`make test-vllm`): vLLM pins another torch
 collect_ignore = [] if os.environ.get("RLHFKERN_TEST_VLLM") == "1" else ["vllm"]
 
 
-def compiled_backends(op_backends=("cpu", "triton", "cuda")):
+def backend_pairs(op_backends=("cpu", "triton", "cuda")):
     """(backend, device) pairs every compiled backend is tested on. No GPU here: the C++ CPU
     kernels and Triton through its interpreter; with a GPU: C++ CPU, Triton and CUDA on the GPU.
     `op_backends`: the backends the family has (a family without a CUDA kernel: its module's
@@ -32,6 +43,13 @@ def compiled_backends(op_backends=("cpu", "triton", "cuda")):
     else:
         pairs += [("triton", "cpu")]
     return [p for p in pairs if p[0] in op_backends]
+
+
+def compiled_backends(op_backends=("cpu", "triton", "cuda")):
+    """backend_pairs as pytest parameters: the Triton ones skip, with the reason, when triton (an
+    extra) is not installed."""
+    no_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install 'rlhfkern[triton]')")
+    return [pytest.param(p, marks=no_triton) if p[0] == "triton" else p for p in backend_pairs(op_backends)]
 
 
 @pytest.fixture(params=compiled_backends(), ids=lambda p: f"{p[0]}-{p[1]}")
@@ -54,7 +72,8 @@ def openrlhf_losses():
     import sys
     import types
 
-    import openrlhf
+    openrlhf = pytest.importorskip("openrlhf", reason="openrlhf is not installed (pip install --no-deps "
+                                   "openrlhf==0.11.2: its own dependencies need CUDA builds)")
 
     if "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is None:
         sys.modules["deepspeed"] = types.ModuleType("deepspeed")
@@ -99,7 +118,7 @@ def run_processes(worker, world, tmp_path, *args):
 def ray_gpus(tmp_path_factory):
     """One local Ray for the whole test session with 8 logical GPUs (a machine without GPUs: the
     placement groups and fractional GPU requests behave as on a cluster). Yields the GPU count."""
-    ray = pytest.importorskip("ray")
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rlhfkern[ray]')")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, _temp_dir=temp, configure_logging=False,

@@ -10,7 +10,7 @@ from rlhfkern.compat import verl as compat_verl
 from rlhfkern.ops.advantages import (grpo_reference, reinforce_pp_baseline_reference, reinforce_pp_reference,
                                      rloo_reference)
 
-from conftest import compiled_backends
+from conftest import compiled_backends, need
 
 UIDS = np.array(["p0", "p1", "p0", "p2", "p1", "p0", "p3", "p3", "p1", "p4", "p0", "p2"], dtype=object)
 
@@ -36,6 +36,7 @@ def close(actual, expected, rtol, atol):
 def test_reference_matches_verl():
     from types import SimpleNamespace
 
+    need("verl", extra="test")
     from verl.trainer.ppo import core_algos
 
     r, m, ids = inputs()
@@ -108,6 +109,7 @@ def test_every_row_its_own_group(backend_device):
 def test_compat_verl_matches_verl(monkeypatch, backend_device):
     from types import SimpleNamespace
 
+    need("verl", extra="test")
     from verl.trainer.ppo import core_algos
 
     backend, device = backend_device

@@ -12,6 +12,8 @@ import types
 import pytest
 import torch
 
+from conftest import need
+
 
 def holders(package, objects):
     """'module.attr' / 'module.DICT[key]' of every reference, in the imported modules of
@@ -74,7 +76,7 @@ def assert_patched_and_undone(compat, package, importers):
 
 
 def test_verl_patch(spied):
-    pytest.importorskip("verl")
+    need("verl", extra="test")
     import verl.trainer.ppo.core_algos as core
     import verl.utils.torch_functional as verl_F
     import verl.workers.rollout.naive.naive_rollout as naive_rollout  # `from ... import logprobs_from_logits`
@@ -108,7 +110,7 @@ def test_verl_patch(spied):
 
 
 def test_trl_patch(spied):
-    pytest.importorskip("trl")
+    need("trl", extra="test")
     import trl.experimental.sdpo.loss_utils as sdpo  # `from ...trainer.utils import selective_log_softmax`
 
     from rlhfkern.compat import trl as compat
@@ -163,7 +165,7 @@ def openrlhf_importable():
     machine): those that are missing are stand-ins while the test runs (a mock of what cannot run
     here; the OpenRLHF modules themselves are the real 0.11.2 files). Removed afterwards, with every
     module imported through them."""
-    pytest.importorskip("openrlhf")
+    pytest.importorskip("openrlhf", reason="openrlhf is not installed (pip install --no-deps openrlhf==0.11.2)")
     def installed(name):  # a namespace package (tests/vllm seen from here) is not the package
         spec = importlib.util.find_spec(name)
         return spec is not None and spec.origin not in (None, "namespace")

@@ -11,7 +11,7 @@ from rlhfkern.compat import trl as compat_trl
 from rlhfkern.compat import verl as compat_verl
 from rlhfkern.ops.logprob import OP_BACKENDS, logprobs_reference
 
-from conftest import compiled_backends, gloo_process, openrlhf_losses, run_processes
+from conftest import HAVE_TRITON, backend_pairs, compiled_backends, gloo_process, need, openrlhf_losses, run_processes
 
 BACKENDS = compiled_backends(OP_BACKENDS)  # no CUDA kernel in this family: Triton serves GPUs
 
@@ -194,6 +194,7 @@ DROPIN = [("torch", "cpu")] + BACKENDS
 
 @pytest.mark.parametrize("backend_device", DROPIN, ids=lambda p: f"{p[0]}-{p[1]}")
 def test_compat_verl_matches_verl(monkeypatch, backend_device):
+    need("verl", extra="test")
     import verl.utils.torch_functional as verl_F
 
     backend, device = backend_device
@@ -213,6 +214,7 @@ def test_compat_verl_matches_verl(monkeypatch, backend_device):
 
 @pytest.mark.parametrize("backend_device", DROPIN, ids=lambda p: f"{p[0]}-{p[1]}")
 def test_compat_openrlhf_and_trl_match(monkeypatch, backend_device):
+    need("trl", extra="test")
     from trl.trainer import utils as trl_utils
 
     backend, device = backend_device
@@ -264,7 +266,7 @@ def test_bad_input_names_the_argument():
 def _tp_main(rank, world, init_file, failures, check):
     """One rank of a gloo group: runs the module-level function `check(rank, world, backends)`."""
     with gloo_process(rank, world, init_file, failures):
-        globals()[check](rank, world, [b for b, d in compiled_backends() if d == "cpu"])  # gloo: CPU tensors
+        globals()[check](rank, world, [b for b, d in backend_pairs() if d == "cpu" and (b != "triton" or HAVE_TRITON)])  # gloo: CPU tensors
 
 
 def run_tp(tmp_path, world, check):

@@ -12,7 +12,7 @@ from rlhfkern.compat import verl as compat_verl
 from rlhfkern.ops.ppo_loss import (AGG_MODES, KL_KINDS, OP_BACKENDS, actor_loss_reference, agg_loss_reference,
                                    kl_penalty_reference, value_loss_reference)
 
-from conftest import compiled_backends, openrlhf_losses
+from conftest import compiled_backends, need, openrlhf_losses
 
 BACKENDS = compiled_backends(OP_BACKENDS)  # no CUDA kernel in this family: Triton serves GPUs
 
@@ -100,6 +100,7 @@ def test_reference_gradcheck():
 
 
 def test_reference_matches_verl_policy_loss():
+    need("verl", extra="test")
     from verl.trainer.ppo import core_algos
 
     lp, old, adv, m, *_ = batch(8, 50, torch.float32, spread=1.0)
@@ -114,6 +115,7 @@ def test_reference_matches_verl_policy_loss():
 
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_reference_agg_matches_verl(agg):
+    need("verl", extra="test")
     from verl.trainer.ppo import core_algos
 
     x = torch.randn(5, 9)
@@ -124,6 +126,7 @@ def test_reference_agg_matches_verl(agg):
 
 
 def test_reference_kl_and_value_match_verl():
+    need("verl", extra="test")
     from verl.trainer.ppo import core_algos
 
     lp, _, _, m, _, ref, _ = batch(4, 30, torch.float32)
@@ -304,7 +307,9 @@ def test_torch_compile_fullgraph_forward_backward(backend_device):
 # ----------------------------------------------------------------------------- verl drop-ins
 @pytest.mark.parametrize("backend_device", [("torch", "cpu")] + BACKENDS, ids=lambda p: f"{p[0]}-{p[1]}")
 def test_compat_verl_policy_losses_match_verl(monkeypatch, backend_device):
+    need("verl", extra="test")
     from verl.trainer.ppo import core_algos
+    need("verl", extra="test")
     from verl.workers.config import ActorConfig
 
     backend, device = backend_device

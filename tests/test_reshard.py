@@ -7,7 +7,9 @@ import torch
 
 from rlhfkern.reshard import HFLayout, MegatronLayout, ModelSpec, VLLMLayout, apply, plan_reshard
 
-from conftest import gloo_process, run_processes
+from conftest import gloo_process, need, run_processes
+
+need("transformers", extra="megatron")
 
 
 def configs():
@@ -213,6 +215,7 @@ def _megatron_worker(rank, world, init_file, failures, tp, pp, config_name, forw
     ("llama-gqa", 2, 2, False),  # names and shapes per pipeline stage (a pipelined forward needs megatron's schedules)
 ])
 def test_megatron_layout_equals_megatron_core(tmp_path, config_name, tp, pp, forward):
+    need("megatron.core", extra="megatron")
     run_processes(_megatron_worker, tp * pp, tmp_path, tp, pp, config_name, forward)
 
 

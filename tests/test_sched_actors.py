@@ -7,6 +7,10 @@ import random
 import pytest
 import torch
 
+from conftest import need  # noqa: E402
+
+need("pydantic", "yaml", "transformers", extra="ray")
+
 from rlhfkern.sched import tasks
 from rlhfkern.sched.actors import HFBackend, from_wire, left_padded, response_mask_of, sample_tokens, to_wire
 from rlhfkern.sched.config import default_config_path, load_config

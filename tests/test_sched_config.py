@@ -6,6 +6,10 @@ import glob
 import os
 
 import pytest
+from conftest import need  # noqa: E402
+
+need("pydantic", "yaml", "transformers", "ray", extra="ray")
+
 import yaml
 
 from rlhfkern.sched import cli

@@ -6,6 +6,10 @@ the loop are tested on Ray's logical GPUs in test_sched_loop.py). Needs a GPU.""
 import pytest
 import torch
 
+from conftest import need  # noqa: E402
+
+need("pydantic", "yaml", "transformers", extra="ray")
+
 from rlhfkern.reshard import HFLayout, ModelSpec, ReplicatedLayout, apply, plan_reshard
 from rlhfkern.sched.actors import HFBackend
 from rlhfkern.sched.config import default_config_path, load_config

@@ -7,6 +7,10 @@ import math
 import pytest
 import torch
 
+from conftest import need  # noqa: E402
+
+need("pydantic", "yaml", "transformers", "ray", extra="ray")
+
 import sched_rewards
 from rlhfkern.sched.config import default_config_path, load_config
 from rlhfkern.sched.loop import Engine, RewardError, TrainingError

@@ -8,6 +8,10 @@ import sys
 import pytest
 import torch
 
+from conftest import need  # noqa: E402
+
+need("pydantic", "yaml", "transformers", "ray", extra="ray")
+
 from rlhfkern.sched.config import ConfigError, parse_config
 from rlhfkern.sched.memory import check_memory, estimate, model_memory
 from rlhfkern.sched.placement import Placement, plan_text
