@@ -21,7 +21,9 @@ $(BIN)/.deps-installed: Makefile
 
 deps: $(BIN)/.deps-installed
 
+# (the extension is cp310-abi3: a _C built before for one Python version would shadow it)
 build: deps
+	rm -f rlhfkern/_C.cpython-*.so
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 
 # The main job: the shipped RLHF run (GRPO on a task generated in code, a tiny model made from

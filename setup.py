@@ -36,12 +36,16 @@ def local_version(cuda):
     return "cpu" if not cuda else "cu" + torch.version.cuda.replace(".", "")
 
 
+# Python's limited API (3.10+): one cp310-abi3 wheel per (torch, CUDA) serves every Python from 3.10
+LIMITED_API = [("Py_LIMITED_API", "0x030A0000")]
+
+
 def extension():
     cuda = with_cuda()
     cxx = ["-O3", "-g0", "-fopenmp"]  # the C++ standard: what this torch asks for
     if not cuda:
         return CppExtension("rlhfkern._C", cpu_sources(), extra_compile_args={"cxx": cxx},
-                            extra_link_args=["-fopenmp"]), cuda
+                            extra_link_args=["-fopenmp"], py_limited_api=True, define_macros=LIMITED_API), cuda
     arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPUs")
     defines = ["-DRLHFKERN_WITH_CUDA", f'-DRLHFKERN_CUDA_ARCHS="{arches}"']
     return CUDAExtension(
@@ -50,6 +54,8 @@ def extension():
         include_dirs=[os.path.abspath("csrc/cuda")],
         extra_compile_args={"cxx": cxx + defines, "nvcc": ["-O3", "-lineinfo"] + defines},
         extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+        define_macros=LIMITED_API,
     ), cuda
 
 
@@ -62,4 +68,5 @@ setup(
     package_dir={"rlhfkern.triton_kernels": "triton_kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

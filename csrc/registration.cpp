@@ -1,7 +1,34 @@
 // Every op's schema, in one place (DESIGN.md). Kernels register their implementations
 // per dispatch key beside their code: csrc/cpu/<family>.cpp (CPU), csrc/cuda/bindings.cpp (CUDA).
-#include <torch/extension.h>
+// The extension uses Python's limited API only (this file's module init): one abi3 wheel serves
+// Python 3.10+ for a given torch and CUDA. Everything else goes through torch ops.
+#include <Python.h>
 #include <torch/library.h>
+
+#include <string>
+
+namespace {
+#ifndef RLHFKERN_CUDA_ARCHS
+#define RLHFKERN_CUDA_ARCHS ""
+#endif
+
+// What this extension was built with, as "key=value;..." (rlhfkern._dispatch parses it).
+std::string build_info() {
+  std::string info = "cpu=1";
+#ifdef RLHFKERN_WITH_CUDA
+  info += ";cuda=1";
+#else
+  info += ";cuda=0";
+#endif
+  info += ";cuda_arches=" + std::string(RLHFKERN_CUDA_ARCHS);
+#ifdef _OPENMP
+  info += ";openmp=1";
+#else
+  info += ";openmp=0";
+#endif
+  return info;
+}
+}  // namespace
 
 TORCH_LIBRARY(rlhfkern, m) {
   // GAE family (rlhfkern/ops/gae.py has the reference and the contract).
@@ -31,32 +58,13 @@ TORCH_LIBRARY(rlhfkern, m) {
   m.def("pack_segments(Tensor[] segments, Tensor(a!) out) -> ()");
   m.def("unpack_segments(Tensor buffer, Tensor(a!)[] segments) -> ()");
   m.def("kl_penalty_fwd(Tensor log_prob, Tensor ref_log_prob, int kl_code) -> (Tensor, Tensor)");
+  m.def("build_info() -> str", &build_info);
 }
 
-namespace {
-#ifndef RLHFKERN_CUDA_ARCHS
-#define RLHFKERN_CUDA_ARCHS ""
-#endif
-
-pybind11::dict build_info() {
-  pybind11::dict info;
-  info["cpu"] = true;
-#ifdef RLHFKERN_WITH_CUDA
-  info["cuda"] = true;
-#else
-  info["cuda"] = false;
-#endif
-  info["cuda_arches"] = std::string(RLHFKERN_CUDA_ARCHS);
-#ifdef _OPENMP
-  info["openmp"] = true;
-#else
-  info["openmp"] = false;
-#endif
-  return info;
-}
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rlhfkern compiled core: ops live in torch.ops.rlhfkern";
-  m.def("build_info", &build_info, "what this extension was built with");
+// The module rlhfkern._C itself is empty: importing it loads this library, whose static
+// initialisers register the ops above in torch.ops.rlhfkern.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "rlhfkern compiled core: ops live in torch.ops.rlhfkern",
+                               -1, nullptr};
+  return PyModule_Create(&module);
 }

@@ -30,8 +30,16 @@ def _load_extension():
 
 # Decided once at import, so that torch.compile traces the backend choice as constants.
 _EXTENSION, EXTENSION_ERROR = _load_extension()
-_BUILD_INFO = _EXTENSION.build_info() if _EXTENSION is not None else {
-    "cpu": False, "cuda": False, "cuda_arches": "", "openmp": False}
+
+
+def _parse_build_info(text):
+    """torch.ops.rlhfkern.build_info()'s "key=value;..." -> dict (flags as bools)."""
+    info = dict(item.split("=", 1) for item in text.split(";"))
+    return {k: (v == "1") if k in ("cpu", "cuda", "openmp") else v for k, v in info.items()}
+
+
+_BUILD_INFO = (_parse_build_info(torch.ops.rlhfkern.build_info()) if _EXTENSION is not None
+               else {"cpu": False, "cuda": False, "cuda_arches": "", "openmp": False})
 # found, not imported: TRITON_INTERPRET must still be settable after `import rlhfkern`
 TRITON_ERROR = (None if importlib.util.find_spec("triton") is not None
                 else "triton is not installed (pip install 'rlhfkern[triton]')")
