@@ -9,7 +9,7 @@ DEPS := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark ninja pybind11
         verl==0.9.1 trl==1.16.0 megatron-core==0.16.1
 BENCH_ARGS ?=
 
-.PHONY: deps build train plan test test-vllm bench info cuda-check cuda-build-check gpu-check gpu-site clean
+.PHONY: deps build train plan test test-vllm bench info cuda-check cuda-build-check gpu-check gpu-site clean wheels triton-aot
 
 $(BIN)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,35 @@ $(VLLM_VENV)/.installed: Makefile
 
 test-vllm: $(VLLM_VENV)/.installed
 	RLHFKERN_TEST_VLLM=1 PYTHONPATH=$(CURDIR) $(VLLM_VENV)/bin/python -m pytest tests/vllm -q -p no:cacheprovider
+
+# Wheels per (CUDA, torch) variant, each checked (label, torch pin, NEEDED, RUNPATH, auditwheel,
+# device code per arch) and tested in a fresh venv from outside the tree -> dist/ (wheels,
+# SHA256SUMS, check-<variant>.md, PEP 503 simple/<variant>/). Not part of `make test`: the CUDA
+# variants download a CUDA torch each. WHEELS=cpu.torch2.13 builds one. See .ci/wheels.py.
+WHEELS ?= cpu.torch2.13,cu130.torch2.14,cu130.torch2.11,pypi
+wheels: deps
+	$(BIN)/python .ci/wheels.py --variants $(WHEELS) --out dist
+
+# Every Triton kernel compiled to cubin for sm_80 and sm_90 (no GPU needed) over the full set of
+# specializations our launchers can choose; fails on a compile error, a register spill, shared
+# memory over the card's limit or > 1024 threads. Runs with the project's triton and with the
+# oldest we support (triton 3.6.0, torch 2.11's pin: its own venv, made on first use) ->
+# bench/results/triton-aot.md. About 10 minutes per triton on 2 cores; `make test` runs the quick
+# subset (tests/test_triton_aot.py).
+TRITON36_VENV ?= .venv-triton36
+AOT_OUT ?= bench/results/triton-aot.md
+$(TRITON36_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/pip install --quiet torch==2.13.0 triton==3.6.0 numpy pytest
+	touch $@
+
+# (triton 3.6 runs aot.py from the source tree: the kernels need no compiled extension)
+triton-aot: build
+	$(BIN)/python -m rlhfkern.triton_kernels.aot --out $(AOT_OUT); s1=$$?; \
+	if $(MAKE) --no-print-directory $(TRITON36_VENV)/.installed; then \
+	  PYTHONPATH=$(CURDIR) $(TRITON36_VENV)/bin/python triton_kernels/aot.py --out $(AOT_OUT) --append; s2=$$?; \
+	else echo "triton-aot: $(TRITON36_VENV) could not be made: triton 3.6.0 not checked"; s2=0; fi; \
+	test $$s1 = 0 && test $$s2 = 0
 
 # The full CUDA build of rlhfkern._C without a GPU: a throwaway venv with the CUDA torch wheel
 # (about 5.5 GB), the extension built from a copy of the tracked files; nothing runs. Not part

@@ -33,7 +33,18 @@ def with_cuda():
 
 
 def local_version(cuda):
+    """The wheel's local version label: RLHFKERN_LOCAL_VERSION when set (make wheels: e.g.
+    "cu130.torch2.14"; empty = unlabelled, the PyPI build), else cpu / cu<major><minor>."""
+    label = os.environ.get("RLHFKERN_LOCAL_VERSION")
+    if label is not None:
+        return label
     return "cpu" if not cuda else "cu" + torch.version.cuda.replace(".", "")
+
+
+def torch_requirement():
+    """RLHFKERN_TORCH_REQUIREMENT (make wheels pins the torch minor the wheel was built against:
+    the compiled core links its C++ ABI), else any torch the sources support."""
+    return os.environ.get("RLHFKERN_TORCH_REQUIREMENT", "torch>=2.6")
 
 
 # Python's limited API (3.10+): one cp310-abi3 wheel per (torch, CUDA) serves every Python from 3.10
@@ -60,8 +71,10 @@ def extension():
 
 
 ext, cuda = extension()
+label = local_version(cuda)
 setup(
-    version=f"{BASE_VERSION}+{local_version(cuda)}",
+    version=BASE_VERSION + (f"+{label}" if label else ""),
+    install_requires=[torch_requirement(), "numpy"],
     packages=["rlhfkern", "rlhfkern.ops", "rlhfkern.compat", "rlhfkern.reshard", "rlhfkern.sched",
               "rlhfkern.triton_kernels"],
     package_data={"rlhfkern.sched": ["configs/*.yaml"]},
