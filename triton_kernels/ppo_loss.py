@@ -235,14 +235,21 @@ def _launch_actor(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_h
     B, T = lp.shape
     BLOCK_T = _block(T)
     flags, consts = _params(clip_low, clip_high, clip_c, kl_code)
+    if ref is None:  # no KL term: one specialization whatever kl_kind says
+        flags.update(KL_BASE=0, KL_STRAIGHT=False)
     backward = grad is not None
-    some = lambda x: x if x is not None else lp  # noqa: E731  an absent input: any valid pointer
+    # an absent argument: any valid pointer, of the dtype it has when present (one specialization)
+    some = lambda x: x if x is not None else lp  # noqa: E731  inputs: lp's dtype
+    spare = lambda x: x if x is not None else out  # noqa: E731  coefficients and outputs: the acc dtype
     _actor_kernel[(B, triton.cdiv(T, BLOCK_T))](
-        lp, old, adv, mask, some(is_weights), some(entropy), some(ref), out, some(coeffs), some(w), some(grad),
-        some(grad_ent), T, lp.stride(0), old.stride(0), adv.stride(0), mask.stride(0), _stride(is_weights),
+        lp, old, adv, mask, some(is_weights), some(entropy), some(ref), out, spare(coeffs), spare(w), spare(grad),
+        spare(grad_ent), T, lp.stride(0), old.stride(0), adv.stride(0), mask.stride(0), _stride(is_weights),
         _stride(entropy), _stride(ref), *consts,
         HAS_ISW=is_weights is not None, HAS_ENT=entropy is not None, HAS_REF=ref is not None, BACKWARD=backward,
         ENTROPY_GRAD=grad_ent is not None, BLOCK_T=BLOCK_T, **flags,
+        # the elementwise backward at 1024 tokens spilled on sm_90 with 4 warps (aot.py); its
+        # results do not depend on the warps, the forward's block sums keep 4
+        num_warps=8 if backward and BLOCK_T >= 1024 else 4,
     )
 
 
