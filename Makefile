@@ -9,7 +9,7 @@ DEPS := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark ninja pybind11
         verl==0.9.1 trl==1.16.0 megatron-core==0.16.1
 BENCH_ARGS ?=
 
-.PHONY: deps build train plan test test-vllm bench info cuda-check cuda-build-check gpu-check gpu-site clean wheels triton-aot
+.PHONY: deps build train plan test test-vllm bench info cuda-check cuda-build-check gpu-check gpu-bundle clean wheels triton-aot
 
 $(BIN)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -114,12 +114,18 @@ GPU_ARCHES ?= 9.0
 gpu-check:
 	GPU_PYTHON=$(GPU_PYTHON) GPU_ARCHES="$(GPU_ARCHES)" bash bench/gpu_check.sh
 
-# Pure-Python test dependencies for a GPU machine without network (OpenRLHF's loss module, which
-# the drop-in tests load): copied from the dev venv into .gpu_site/ (ignored), which
-# bench/gpu_check.sh puts on PYTHONPATH. Carry .gpu_site with the tree.
-gpu-site:
-	rm -rf .gpu_site && mkdir -p .gpu_site
-	cp -r $$($(BIN)/python -c "import openrlhf, os; print(os.path.dirname(openrlhf.__file__))") .gpu_site/
+# What the lent GPU image (Python 3.12, torch, triton, pytest, pytest-benchmark, no network) lacks,
+# as wheels for CPython 3.12 x86_64 in .gpu_bundle/ (ignored; carry it with the tree):
+# bench/gpu_check.sh installs them into a folder of its own on PYTHONPATH before building.
+GPU_BUNDLE_PY ?= 3.12
+GPU_BUNDLE := pydantic pydantic-core annotated-types typing-inspection typing-extensions pyyaml \
+              pytest-xdist execnet pytest-timeout openrlhf==0.11.2
+gpu-bundle: deps
+	rm -rf .gpu_bundle && mkdir -p .gpu_bundle
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+	  --python-version $(GPU_BUNDLE_PY) --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 -d .gpu_bundle $(GPU_BUNDLE)
+	ls -la .gpu_bundle
 
 clean:
 	rm -rf build rlhfkern/_C*.so *.egg-info

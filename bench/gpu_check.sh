@@ -5,13 +5,13 @@
 #   2. python -m rlhfkern info (must report cuda=True and the cuda and triton backends)
 #   3. the GPU-relevant tests, every backend on CUDA tensors: test_gae, test_ppo_loss,
 #      test_advantages, test_logprob, test_gpu, test_sched_gpu (the engine's hf backend on CUDA;
-#      needs pydantic, e.g. in .gpu_site) (in parallel when pytest-xdist is there)
+#      needs pydantic: .gpu_bundle) (in parallel when pytest-xdist is there)
 #   4. the benchmarks on the GPU only -> $RESULTS/<card>.md
 #   5. a summary of what ran, passed and failed -> $RESULTS/<card>-check.md (rewritten after
 #      each step, so a run cut short still leaves one)
 # Tests that need a package this python lacks (verl, trl, openrlhf) are deselected by name and
-# listed in the summary. Pure-Python packages can travel in .gpu_site/ (`make gpu-site` fills it
-# from the dev venv); it goes first on PYTHONPATH.
+# listed in the summary. What the image lacks travels as wheels in .gpu_bundle/ (`make gpu-bundle`
+# downloads them for CPython 3.12 here); they are installed into a folder of this run's own.
 # Environment: GPU_PYTHON (python3), CUDA_HOME (found from nvcc), GPU_ARCHES (9.0: the build's
 # TORCH_CUDA_ARCH_LIST; an image's own TORCH_CUDA_ARCH_LIST, e.g. 9.0a, is not inherited),
 # MAX_JOBS (16), TEST_WORKERS (8), RESULTS (bench/results), BUILD_TIMEOUT/TEST_TIMEOUT/BENCH_TIMEOUT
@@ -32,7 +32,11 @@ if [ -z "${CUDA_HOME:-}" ]; then
 fi
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${GPU_ARCHES:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-[ -d .gpu_site ] && export PYTHONPATH=$PWD/.gpu_site${PYTHONPATH:+:$PYTHONPATH}
+# 0. the carried wheels (`make gpu-bundle`: what the image lacks) into a folder of our own
+if ls .gpu_bundle/*.whl >/dev/null 2>&1; then
+  $PY -m pip install --quiet --no-index --no-deps --disable-pip-version-check --target "$WORK/site" .gpu_bundle/*.whl \
+    && export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH} || echo "gpu-check: the .gpu_bundle wheels did not install"
+fi
 
 CARD=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
   echo "gpu-check: no CUDA device visible to $PY"; exit 1; }
