@@ -161,8 +161,8 @@ def masked_whiten(values, mask, shift_mean, out_dtype, eps=1e-8, block_t=4096):
     BLOCK_T = _block_t(T, block_t)
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
     partial = torch.empty((B, 2), dtype=acc, device=dev)
-    # 4096 fp64 sums with an int64 mask spilled on sm_90 with 4 warps (aot.py): 8 warps there
-    warps = 8 if BLOCK_T >= 4096 else 4
+    # 4096 fp64 sums with an int64 mask spilled on sm_90 with 4 warps, fp16 with 8 (aot.py)
+    warps = 8 if BLOCK_T >= 4096 and acc == torch.float64 else 4
     dummy = torch.zeros((), dtype=acc, device=dev)
     _masked_row_sums_kernel[(B,)](values, mask, dummy, partial, T, values.stride(0), mask.stride(0),
                                   CENTERED=False, BLOCK_T=BLOCK_T, num_warps=warps)
