@@ -12,19 +12,20 @@ namespace {
 #define RLHFKERN_CUDA_ARCHS ""
 #endif
 
-// What this extension was built with, as "key=value;..." (rlhfkern._dispatch parses it).
+// What this extension was built with, one "key=value" a line (rlhfkern._dispatch parses it; the
+// arch list itself may hold ';').
 std::string build_info() {
   std::string info = "cpu=1";
 #ifdef RLHFKERN_WITH_CUDA
-  info += ";cuda=1";
+  info += "\ncuda=1";
 #else
-  info += ";cuda=0";
+  info += "\ncuda=0";
 #endif
-  info += ";cuda_arches=" + std::string(RLHFKERN_CUDA_ARCHS);
+  info += "\ncuda_arches=" + std::string(RLHFKERN_CUDA_ARCHS);
 #ifdef _OPENMP
-  info += ";openmp=1";
+  info += "\nopenmp=1";
 #else
-  info += ";openmp=0";
+  info += "\nopenmp=0";
 #endif
   return info;
 }

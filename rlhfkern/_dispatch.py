@@ -33,8 +33,8 @@ _EXTENSION, EXTENSION_ERROR = _load_extension()
 
 
 def _parse_build_info(text):
-    """torch.ops.rlhfkern.build_info()'s "key=value;..." -> dict (flags as bools)."""
-    info = dict(item.split("=", 1) for item in text.split(";"))
+    """torch.ops.rlhfkern.build_info()'s "key=value" lines -> dict (flags as bools)."""
+    info = dict(line.split("=", 1) for line in text.splitlines())
     return {k: (v == "1") if k in ("cpu", "cuda", "openmp") else v for k, v in info.items()}
 
 

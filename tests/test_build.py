@@ -40,3 +40,19 @@ def test_cuda_kernels_compile_with_plain_nvcc(tmp_path):
     blob = library.read_bytes()
     for arch in (b"sm_80", b"sm_90"):
         assert arch in blob, arch
+
+
+def test_build_info_is_a_torch_op_and_parses():
+    """The extension exposes what it was built with as the torch op rlhfkern::build_info (the
+    module itself uses Python's limited API only); arch lists keep their ';'."""
+    import torch
+
+    from rlhfkern import _dispatch
+
+    text = torch.ops.rlhfkern.build_info()
+    assert _dispatch.build_info() == _dispatch._parse_build_info(text)
+    assert _dispatch.build_info()["cpu"] is True
+    assert _dispatch._parse_build_info("cpu=1\ncuda=1\ncuda_arches=7.5;8.0;12.0+PTX\nopenmp=0") == {
+        "cpu": True, "cuda": True, "cuda_arches": "7.5;8.0;12.0+PTX", "openmp": False}
+    so = [f for f in os.listdir(os.path.join(ROOT, "rlhfkern")) if f.startswith("_C")]
+    assert so == ["_C.abi3.so"], so
