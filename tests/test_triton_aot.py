@@ -12,7 +12,7 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed: nothing to compile")
+                                reason="triton is not installed (pip install 'rlhfkern[triton]'): nothing to compile")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
