@@ -45,6 +45,10 @@ VARIANTS = {
     "cu130.torch2.14": ("torch==2.14.1", "13.0", CU13_ARCHES),
     "cu130.torch2.11": ("torch==2.11.0", "13.0", CU13_ARCHES),
 }
+# what the test venv adds to the variant's torch: torch 2.11 pins triton 3.6.0, whose interpreter
+# (the CPU tests' Triton backend) fails on NumPy >= 2.4 ("only 0-dimensional arrays can be
+# converted to Python scalars" on every loop bound)
+TEST_EXTRAS = {"cpu.torch2.13": ["triton==3.9.0"], "cu130.torch2.11": ["numpy<2.4"]}
 PYPI_FROM = "cu130.torch2.14"  # the unlabelled upload build: PyPI's default torch is a cu130 build
 # what the extension may link: torch's libraries, the C/C++ runtime, the CUDA runtime of its major
 ALLOWED = re.compile(r"^(libc10(_cuda)?\.so|libtorch(_cpu|_cuda)?\.so|libstdc\+\+\.so\.6|libgcc_s\.so\.1|"
@@ -162,7 +166,7 @@ def install_and_test(wheel, variant):
     pin, _, _ = VARIANTS[variant]
     path = os.path.join(WORK, variant, "test-venv")
     shutil.rmtree(path, ignore_errors=True)
-    py = venv(path, [pin, wheel, "pytest", "triton==3.9.0" if variant.startswith("cpu") else "pytest"])
+    py = venv(path, [pin, wheel, "pytest", *TEST_EXTRAS.get(variant, [])])
     outside = os.path.join(WORK, variant, "outside")
     shutil.rmtree(outside, ignore_errors=True)
     shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(outside, "tests"),
