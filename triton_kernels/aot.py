@@ -538,6 +538,7 @@ def main(argv=None):
     p.add_argument("--out", help="write the markdown report to this file")
     p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU cores)")
+    p.add_argument("--kernel", default="", help="only the kernels whose name contains this")
     a = p.parse_args(argv)
     arches = [int(x) for x in a.arch.split(",") if x]
     for arch in arches:
@@ -547,7 +548,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     full = full_specs()
-    specs = quick_specs(full) if a.quick else full
+    specs = [s for s in (quick_specs(full) if a.quick else full) if a.kernel in s.kernel]
     which = "quick" if a.quick else "full"
     print(f"triton {triton.__version__}: {which} set, {len(specs)} specializations x {len(arches)} targets "
           f"(captured in {time.perf_counter() - t0:.1f} s)", flush=True)
