@@ -58,13 +58,15 @@ def _import(module_name, package):
                           f"is {package} installed with its own dependencies?") from e
 
 
-def patch(package, targets):
-    """targets: {defining module: {name: replacement}}. Replaces every reference, in the imported
-    modules of `package`, to each original object; returns the Patch (undo handle)."""
+def patch(package, targets, drop_ins):
+    """targets: {defining module: (names...)}; drop_ins: the module holding the replacements under
+    the same names (read now). Replaces every reference, in the imported modules of `package`, to
+    each original object; returns the Patch (undo handle)."""
     originals = {}  # id(original) -> (original, replacement)
     for module_name, names in targets.items():
         module = _import(module_name, package)
-        for name, replacement in names.items():
+        for name in names:
+            replacement = getattr(drop_ins, name)
             if not hasattr(module, name):
                 raise AttributeError(f"rlhfkern.compat.{package}.patch(): {module_name} has no {name!r}: "
                                      f"not the {package} version these drop-ins follow")

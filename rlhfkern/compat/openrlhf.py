@@ -14,6 +14,8 @@ than passed whole as torch.clamp does. policy_loss_type="gspo" is not provided: 
 they are (OpenRLHF divides them by the temperature in place) and returns float32.
 """
 
+import sys
+
 import torch
 from torch import nn
 
@@ -161,4 +163,4 @@ def patch():
     `from openrlhf.models import PolicyLoss` included). Returns the undo handle."""
     from . import _patch
 
-    return _patch.patch("openrlhf", {m: {n: globals()[n] for n in names} for m, names in TARGETS.items()})
+    return _patch.patch("openrlhf", TARGETS, sys.modules[__name__])

@@ -7,29 +7,33 @@
 Results are float32 whatever the logits dtype (TRL keeps bf16 logits in bf16).
 """
 
+import sys
+
 import torch
 
 from ..ops import logprob as _lp
 
 
+def _skipping_masked_rows(index, temperature, row_mask):
+    """TRL's argument checks; index with the rows where row_mask == 0 set to IGNORE_INDEX (0, no gradient)."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if row_mask is None:
+        return index
+    return torch.where(row_mask == 0, torch.full_like(index, _lp.IGNORE_INDEX), index)
+
+
 def selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
     """TRL selective_log_softmax: log_softmax(logits / temperature) gathered at index [...] or
     [..., K]; positions where row_mask == 0 give 0 (and no gradient)."""
-    if temperature <= 0:
-        raise ValueError("temperature must be positive")
-    if row_mask is not None:
-        index = torch.where(row_mask == 0, torch.full_like(index, _lp.IGNORE_INDEX), index)
-    return _lp.logprobs(logits, index, temperature=temperature)
+    return _lp.logprobs(logits, _skipping_masked_rows(index, temperature, row_mask), temperature=temperature)
 
 
 def selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True, temperature=1.0, row_mask=None):
     """TRL selective_log_softmax_and_entropy: (log-probs at index, entropy) of
     softmax(logits / temperature) in one pass over the logits; rows where row_mask == 0 give 0
     for both. index: [...] (one token per row)."""
-    if temperature <= 0:
-        raise ValueError("temperature must be positive")
-    if row_mask is not None:
-        index = torch.where(row_mask == 0, torch.full_like(index, _lp.IGNORE_INDEX), index)
+    index = _skipping_masked_rows(index, temperature, row_mask)
     logprobs, entropy = _lp.logprobs(logits, index, temperature=temperature, return_entropy=True)
     if row_mask is not None:
         entropy = entropy.masked_fill(row_mask == 0, 0.0)
@@ -53,4 +57,4 @@ def patch():
     undo handle."""
     from . import _patch
 
-    return _patch.patch("trl", {m: {n: globals()[n] for n in names} for m, names in TARGETS.items()})
+    return _patch.patch("trl", TARGETS, sys.modules[__name__])

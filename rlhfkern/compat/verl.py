@@ -10,6 +10,8 @@ of a padding token into a nan loss); a torch.Tensor `index` groups rows by value
 would be the tensor elements' identities, never equal).
 """
 
+import sys
+
 import numpy as np
 import torch
 
@@ -191,4 +193,4 @@ def patch():
     registries now call rlhfkern's. Returns the undo handle (rlhfkern.compat._patch.Patch)."""
     from . import _patch
 
-    return _patch.patch("verl", {m: {n: globals()[n] for n in names} for m, names in TARGETS.items()})
+    return _patch.patch("verl", TARGETS, sys.modules[__name__])
