@@ -54,11 +54,13 @@ class Spec:
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
     num_stages: int
+    maxnreg: int = 0  # the launch's register ceiling per thread (0: none, ptxas decides)
 
     def label(self):
         ptrs = ",".join(f"{n}={t[1:]}" for n, t in self.signature if t.startswith("*"))
         consts = ",".join(f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in self.constexprs)
-        return f"{self.kernel}[{ptrs}; {consts}; w{self.num_warps} s{self.num_stages}]"
+        regs = f" r{self.maxnreg}" if self.maxnreg else ""
+        return f"{self.kernel}[{ptrs}; {consts}; w{self.num_warps} s{self.num_stages}{regs}]"
 
     def blocks(self):
         return tuple((n, v) for n, v in self.constexprs if n.startswith("BLOCK"))
@@ -68,7 +70,7 @@ class Spec:
 
     def layout_key(self):
         """What decides registers and shared memory: dtypes, blocks, warps, stages."""
-        return (self.kernel, self.signature, self.blocks(), self.num_warps, self.num_stages)
+        return (self.kernel, self.signature, self.blocks(), self.num_warps, self.num_stages, self.maxnreg)
 
     def branch_key(self):
         """Which code the kernel holds: its branch constexprs, with the main input's dtype."""
@@ -139,7 +141,7 @@ def spec_of_launch(kernel, fn, args, kwargs):
         else:
             signature.append((name, _arg_type(kernel, name, value)))
     return Spec(kernel, tuple(signature), tuple(constexprs), int(options.get("num_warps", DEFAULT_OPTIONS["num_warps"])),
-                int(options.get("num_stages", DEFAULT_OPTIONS["num_stages"])))
+                int(options.get("num_stages", DEFAULT_OPTIONS["num_stages"])), int(options.get("maxnreg") or 0))
 
 
 class _Recorder:
@@ -401,7 +403,8 @@ def _compile(spec, arch):
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG=1: ptxas -v output is printed
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                    **({"maxnreg": spec.maxnreg} if spec.maxnreg else {})})
     return k, log.getvalue()
 
 

@@ -217,8 +217,21 @@ def _kl_kernel(lp_ptr, ref_ptr, kl_ptr, dkl_ptr, T, s_lp, s_ref,
     tl.store(dkl_ptr + row * T + t, dkl, mask=inb)
 
 
-def _block(T):
-    return max(16, min(1024, triton.next_power_of_2(T)))
+def _block(T, cap=1024):
+    return max(16, min(cap, triton.next_power_of_2(T)))
+
+
+def _actor_launch_shape(T, acc, backward):
+    """(BLOCK_T, launch options) of the actor kernel, chosen with aot.py so that no
+    specialization spills registers with the oldest (3.6) or the newest Triton we support: 8
+    warps from 512 tokens up; float64 forward blocks of at most 512 tokens; and an explicit
+    register ceiling at the hardware's 255, which stops Triton 3.6's ptxas (CUDA 12.8) from
+    capping the float64 and float16 block sums near 48-80 registers to raise occupancy and
+    spilling to get there (without it, 9-13 such specializations spilled 4-20 B at 4 or 8 warps)."""
+    import torch
+
+    BLOCK_T = _block(T, 512 if acc == torch.float64 and not backward else 1024)
+    return BLOCK_T, {"num_warps": 8 if BLOCK_T >= 512 else 4, "maxnreg": 255}
 
 
 def _params(clip_low, clip_high, clip_c, kl_code):
@@ -233,11 +246,11 @@ def _stride(x):
 def _launch_actor(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_high, clip_c, kl_code, *, out,
                   coeffs=None, w=None, grad=None, grad_ent=None):
     B, T = lp.shape
-    BLOCK_T = _block(T)
+    backward = grad is not None
+    BLOCK_T, options = _actor_launch_shape(T, out.dtype, backward)
     flags, consts = _params(clip_low, clip_high, clip_c, kl_code)
     if ref is None:  # no KL term: one specialization whatever kl_kind says
         flags.update(KL_BASE=0, KL_STRAIGHT=False)
-    backward = grad is not None
     # an absent argument: any valid pointer, of the dtype it has when present (one specialization)
     some = lambda x: x if x is not None else lp  # noqa: E731  inputs: lp's dtype
     spare = lambda x: x if x is not None else out  # noqa: E731  coefficients and outputs: the acc dtype
@@ -246,10 +259,7 @@ def _launch_actor(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_h
         spare(grad_ent), T, lp.stride(0), old.stride(0), adv.stride(0), mask.stride(0), _stride(is_weights),
         _stride(entropy), _stride(ref), *consts,
         HAS_ISW=is_weights is not None, HAS_ENT=entropy is not None, HAS_REF=ref is not None, BACKWARD=backward,
-        ENTROPY_GRAD=grad_ent is not None, BLOCK_T=BLOCK_T, **flags,
-        # the elementwise backward at 1024 tokens spilled on sm_90 with 4 warps (aot.py); its
-        # results do not depend on the warps, the forward's block sums keep 4
-        num_warps=8 if backward and BLOCK_T >= 1024 else 4,
+        ENTROPY_GRAD=grad_ent is not None, BLOCK_T=BLOCK_T, **flags, **options,
     )
 
 
@@ -258,7 +268,8 @@ def actor_loss_fwd(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_
     import torch
 
     B, T = lp.shape
-    out = torch.empty((B, triton.cdiv(T, _block(T)), N_COLUMNS), dtype=acc_dtype(lp), device=lp.device)
+    acc = acc_dtype(lp)
+    out = torch.empty((B, triton.cdiv(T, _actor_launch_shape(T, acc, False)[0]), N_COLUMNS), dtype=acc, device=lp.device)
     _launch_actor(lp, old, adv, mask, is_weights, entropy, ref, clip_low, clip_high, clip_c, kl_code, out=out)
     return out.sum(1)
 
