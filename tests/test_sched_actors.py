@@ -41,7 +41,8 @@ def test_greedy_decoding_equals_transformers_generate(eos_bias):
         b.model.lm_head.weight.mul_(8.0)  # a peaked (non-uniform) distribution
         b.model.lm_head.weight[tasks.EOS] += eos_bias * b.model.lm_head.weight[tasks.EOS].sign()
     prompts = prompts_of_mixed_lengths()
-    resp, mask = b.generate(prompts, seed=0, greedy=True)
+    resp, mask, lps = b.generate(prompts, seed=0, greedy=True)
+    assert not lps.any()  # greedy: no log-probs
     ids, am = left_padded(prompts)
     ref = b.model.generate(input_ids=ids, attention_mask=am, max_new_tokens=7, do_sample=False,
                            pad_token_id=tasks.PAD, eos_token_id=tasks.EOS)[:, ids.shape[1]:]
@@ -56,9 +57,28 @@ def test_greedy_decoding_equals_transformers_generate(eos_bias):
 def test_sampling_is_seeded():
     b = backend("rollout.temperature=0.7")
     prompts = prompts_of_mixed_lengths(8)
-    first, _ = b.generate(prompts, seed=11)
+    first = b.generate(prompts, seed=11)[0]
     assert torch.equal(first, b.generate(prompts, seed=11)[0])
     assert not torch.equal(first, b.generate(prompts, seed=12)[0])
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_rollout_log_probs_equal_the_trainers(temperature, top_p):
+    """The log-probs the rollout returns for its samples are those the trainer computes for the
+    same weights (the loop uses them as PPO's old log-probs on-policy): full-vocabulary log
+    softmax at the temperature, top-p or not; 0 after EOS."""
+    b = backend(f"rollout.temperature={temperature}", f"rollout.top_p={top_p}", "rollout.max_new_tokens=7")
+    with torch.no_grad():
+        b.model.lm_head.weight[tasks.EOS] += 0.5  # some rows end early
+    prompts = prompts_of_mixed_lengths()
+    resp, mask, lps = b.generate(prompts, seed=5)
+    assert (mask.sum(1) < 7).any()
+    ids, am = left_padded(prompts)
+    batch = {"input_ids": torch.cat([ids, resp], 1), "attention_mask": torch.cat([am, mask], 1), "response_mask": mask}
+    expect, _ = b.logprobs(batch)
+    torch.testing.assert_close(lps * mask, expect * mask, rtol=1e-5, atol=1e-5)
+    assert (lps[mask == 0] == 0).all()
+    assert (lps[mask == 1] < 0).all()
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.75, 0.3, 1e-6])

@@ -22,7 +22,7 @@ def cfg(*overrides):
 
 
 def batch_from(rollout, prompts):
-    resp, mask = rollout.generate(prompts, seed=1)
+    resp, mask, _ = rollout.generate(prompts, seed=1)
     ids = torch.tensor(prompts)
     return {"input_ids": torch.cat([ids, resp], 1),
             "attention_mask": torch.cat([torch.ones_like(ids), mask], 1), "response_mask": mask}

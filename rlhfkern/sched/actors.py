@@ -4,7 +4,8 @@
 rank placed there (`HFBackend` for `backend: hf`; several when models are colocated) and
 forwards the interface the loop calls, per model:
 
-    generate(prompts, seed, greedy)      rollout: token ids in, right-padded responses out
+    generate(prompts, seed, greedy)      rollout: token ids in; right-padded responses, their
+                                         mask and the sampled tokens' log-probs out
     logprobs(batch, with_entropy)        reference (and any causal LM)
     values(batch)                        value model
     scores(batch)                        reward models
@@ -209,9 +210,12 @@ class HFBackend:
     @torch.no_grad()
     def generate(self, prompts, seed, greedy=False):
         """prompts: lists of token ids -> (responses [B, max_new_tokens] padded with PAD, their
-        mask). Decoding with the model's KV cache: one prefill, then one token per row per step
-        (`sample_tokens` at the rollout temperature and top-p, or argmax when greedy), rows that
-        emitted EOS padded, stopping when every row has; seeded by `seed` (a generator of its own)."""
+        mask, log_probs [B, max_new_tokens] fp32). Decoding with the model's KV cache: one
+        prefill, then one token per row per step (`sample_tokens` at the rollout temperature and
+        top-p, or argmax when greedy), rows that emitted EOS padded, stopping when every row has;
+        seeded by `seed` (a generator of its own). log_probs: log softmax(logits / temperature)
+        of each sampled token over the whole vocabulary (top-p does not change it), what the
+        trainer's forward computes for the same weights; 0 after EOS and when greedy."""
         from transformers import DynamicCache
 
         r, eos, dev = self.cfg.rollout, self.hf_config.eos_token_id, self.device
@@ -220,12 +224,17 @@ class HFBackend:
         gen = torch.Generator(dev).manual_seed(seed)
         pos = position_ids(am)
         resp = torch.full((B, r.max_new_tokens), tasks.PAD, dtype=torch.int64, device=dev)
+        lps = torch.zeros((B, r.max_new_tokens), dtype=torch.float32, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         out = self.model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, logits_to_keep=1,
                          past_key_values=DynamicCache(config=self.hf_config))
         for t in range(r.max_new_tokens):
-            tok = sample_tokens(out.logits[:, -1], 0 if greedy else r.temperature, r.top_p, gen).masked_fill(done, tasks.PAD)
+            logits = out.logits[:, -1]
+            tok = sample_tokens(logits, 0 if greedy else r.temperature, r.top_p, gen).masked_fill(done, tasks.PAD)
             resp[:, t] = tok
+            if not greedy:
+                lp = torch.log_softmax(logits.float() / r.temperature, -1).gather(1, tok[:, None])[:, 0]
+                lps[:, t] = lp.masked_fill(done, 0.0)
             done |= tok == eos
             if t + 1 == r.max_new_tokens or bool(done.all()):
                 break
@@ -234,7 +243,7 @@ class HFBackend:
             out = self.model(input_ids=tok[:, None], attention_mask=am, position_ids=pos, use_cache=True,
                              past_key_values=out.past_key_values)
         resp = resp.cpu()
-        return resp, response_mask_of(resp, eos)
+        return resp, response_mask_of(resp, eos), lps.cpu()
 
     # ---------------------------------------------------------------------------- training
     def _minibatches(self, batch, minibatch, epochs):
@@ -268,8 +277,9 @@ class HFBackend:
 
     def train_policy(self, batch, step, minibatch, epochs):
         """PPO epochs over minibatches. The old log-probs (the policy before this update) are
-        batch["old_log_prob"] when given, else computed here: the first minibatch's by its own
-        first forward (no update has happened yet), the others' by one no-grad pass before it."""
+        batch["old_log_prob"] when given (the loop passes the rollout's, when it sampled with
+        these weights), else computed here: the first minibatch's by its own first forward (no
+        update has happened yet), the others' by one no-grad pass before it."""
         a = self.cfg.algorithm
         sums = {}
         old = batch.get("old_log_prob")

@@ -104,6 +104,11 @@ class Engine:
         self.ranks = None    # model -> [Rank per rank]
         self.step = 0
         self.rollout_version = 0  # the policy step whose weights the rollout holds (last sync)
+        # On-policy, the rollout's log-probs of its samples are the old log-probs PPO needs, when
+        # it computes them as the trainer would (the same backend and dtype, hence the same
+        # numbers up to rounding): the trainer then skips its no-grad pass over the batch.
+        rollout, policy = c.model("rollout"), c.models.policy
+        self.old_log_prob_from_rollout = rollout.backend == policy.backend == "hf" and rollout.dtype == policy.dtype
         self.history = []
         self.rng = random.Random(c.train.seed)
         self.phase_seconds = {p: 0.0 for p in PHASES}
@@ -212,7 +217,8 @@ class Engine:
         self.phase_seconds[name] += time.perf_counter() - t0
 
     def _generate(self, prompts, seed, greedy=False):
-        """Futures of (responses, mask) per rollout rank; seeds differ per rank, not per topology."""
+        """Futures of (responses, mask, log-probs) per rollout rank; seeds differ per rank, not per
+        topology."""
         ranks = self._ranks("rollout")
         futures = [r.call("generate", shard, seed * 1000003 + i, greedy)
                    for i, (r, shard) in enumerate(zip(ranks, _split(prompts, len(ranks))))]
@@ -227,7 +233,7 @@ class Engine:
     def evaluate(self):
         """Exact-match accuracy of greedy answers on the held-out prompts."""
         with self._phase("eval", {"rollout"}):
-            responses, mask = self._gather(self._generate(self.task.eval_set, 0, greedy=True)[0])
+            responses, mask, _ = self._gather(self._generate(self.task.eval_set, 0, greedy=True)[0])
         hits = [tasks.exact(self.cfg.data.task, p, r[:int(m.sum())].tolist())
                 for p, r, m in zip(self.task.eval_set, responses, mask)]
         return sum(hits) / len(hits)
@@ -311,9 +317,9 @@ class Engine:
         t_step = time.perf_counter()
         with self._phase("generate", {"rollout"}):
             futures, version = pending or self._generate(prompts, self._seed())
-            responses, mask = self._gather(futures)
+            responses, mask, rollout_log_prob = self._gather(futures)
         batch = self._make_batch(prompts, responses, mask)
-        if c.models.reference is not None:  # (the old log-probs: the trainer's, in its train call)
+        if c.models.reference is not None:
             with self._phase("logprobs", {"reference"}):  # started here, it runs while rewards are computed
                 ref_futures = self._scatter("reference", "logprobs", batch, False)
         with self._phase("reward", {n for n in c.model_names() if n.startswith("reward:")}):
@@ -326,6 +332,8 @@ class Engine:
                 batch["values"] = self._gather(self._scatter("value", "values", batch))
         with self._phase("advantages"):
             self._advantages(batch, scores)
+        if self.old_log_prob_from_rollout and version == self.step:  # sampled with the weights about to train
+            batch["old_log_prob"] = rollout_log_prob  # (else the trainer computes them in its train call)
         metrics = {}
         with self._phase("train", {"policy", "value"}):
             trainers = [n for n in ("policy", "value") if getattr(c.models, n) is not None]
