@@ -120,12 +120,13 @@ gpu-check:
 GPU_BUNDLE_PY ?= 3.12
 GPU_BUNDLE := pydantic pydantic-core annotated-types typing-inspection typing-extensions pyyaml \
               pytest-xdist execnet pytest-timeout openrlhf==0.11.2
+GPU_BUNDLE_DIR ?= .gpu_bundle
 gpu-bundle: deps
-	rm -rf .gpu_bundle && mkdir -p .gpu_bundle
+	rm -rf $(GPU_BUNDLE_DIR) && mkdir -p $(GPU_BUNDLE_DIR)
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --implementation cp \
 	  --python-version $(GPU_BUNDLE_PY) --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-	  --platform manylinux_2_17_x86_64 -d .gpu_bundle $(GPU_BUNDLE)
-	ls -la .gpu_bundle
+	  --platform manylinux_2_17_x86_64 -d $(GPU_BUNDLE_DIR) $(GPU_BUNDLE)
+	ls -la $(GPU_BUNDLE_DIR)
 
 clean:
 	rm -rf build rlhfkern/_C*.so *.egg-info

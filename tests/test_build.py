@@ -18,6 +18,18 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+def find_python(version):
+    """A working `python<version>`: pyenv's build (its shims fail where pyenv picked another
+    version) or the one on PATH."""
+    import glob
+
+    found = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")))
+    for path in found[-1:] + [shutil.which(f"python{version}")]:
+        if path and subprocess.run([path, "-c", "pass"], capture_output=True).returncode == 0:
+            return path
+    return None
+
+
 def test_cuda_kernels_compile_with_plain_nvcc(tmp_path):
     nvcc = find_nvcc()
     if nvcc is None:
@@ -40,6 +52,29 @@ def test_cuda_kernels_compile_with_plain_nvcc(tmp_path):
     blob = library.read_bytes()
     for arch in (b"sm_80", b"sm_90"):
         assert arch in blob, arch
+
+
+def test_gpu_bundle_installs_into_the_gpu_images_python(tmp_path):
+    """`make gpu-bundle` downloads the wheels the lent GPU image (CPython 3.12, no network)
+    lacks; they install offline into a folder of their own, as bench/gpu_check.sh does, and
+    import with that Python (the GPU itself cannot be checked here)."""
+    py312 = find_python("3.12")
+    if py312 is None:
+        pytest.skip("no CPython 3.12 on this machine to install the bundle into")
+    bundle, site = tmp_path / "bundle", tmp_path / "site"
+    done = subprocess.run(["make", "--no-print-directory", "-C", ROOT, "gpu-bundle", f"GPU_BUNDLE_DIR={bundle}"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    wheels = sorted(bundle.glob("*.whl"))
+    names = {w.name.split("-")[0].lower().replace("_", "-") for w in wheels}
+    assert {"pydantic", "pydantic-core", "pyyaml", "pytest-xdist", "pytest-timeout", "openrlhf"} <= names, names
+    assert all("cp312" in w.name or "py3-none" in w.name or "py2.py3-none" in w.name for w in wheels), wheels
+    subprocess.run([py312, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--disable-pip-version-check",
+                    "--target", str(site), *map(str, wheels)], check=True, capture_output=True)
+    code = "import pydantic, pydantic_core, yaml, execnet; print(pydantic.VERSION)"
+    ran = subprocess.run([py312, "-c", code], env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert (site / "openrlhf" / "models" / "loss.py").exists()  # the module the drop-in tests compare with
 
 
 def test_build_info_is_a_torch_op_and_parses():
