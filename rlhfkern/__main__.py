@@ -87,6 +87,9 @@ def main(argv=None):
         p = sub.add_parser(name, help=what)
         p.add_argument("config", nargs="?", default=None, help="a YAML file (default: rlhfkern/sched/configs/default.yaml)")
         p.add_argument("overrides", nargs="*", help="key.path=value (value parsed as YAML), e.g. train.steps=20")
+        if name == "train":
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the newest checkpoint in checkpoint.dir up to train.steps")
     args = parser.parse_args(argv)
     if args.command in ("train", "plan"):
         return engine_command(args)
@@ -100,7 +103,7 @@ def engine_command(args):
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):  # only overrides were given
         config, overrides = None, [config] + overrides
-    return cli.main(args.command, config, overrides)
+    return cli.main(args.command, config, overrides, resume=getattr(args, "resume", False))
 
 
 def console():

@@ -203,3 +203,56 @@ def test_nan_loss_stops_the_run_with_its_step(ray_gpus, tmp_path):
         assert len(e.history) < 5  # the failing step left no metrics behind
     finally:
         e.shutdown()
+
+
+def test_resume_equals_an_uninterrupted_run(ray_gpus, tmp_path):
+    """6 steps with a checkpoint every 2 (the 2 newest kept) vs a fresh engine resumed from the
+    step-4 checkpoint for the last 2: the same metrics bitwise, the same final weights; a
+    half-written checkpoint (step_N.partial) is never taken; another layout is refused."""
+    from rlhfkern.sched.loop import checkpoints
+
+    ckpt = tmp_path / "ckpt"
+    keep = [f"checkpoint.dir={ckpt}", "checkpoint.every_steps=2", "checkpoint.keep=2"]
+    e = engine(tmp_path / "a", "default.yaml", *SHORT, *keep)
+    try:
+        e.learn(6)
+        full = [{k: v for k, v in m.items() if k not in TIMING} for m in e.history]
+        final = e.weights("policy")
+    finally:
+        e.shutdown()
+    assert [p.rsplit("/", 1)[1] for p in checkpoints(str(ckpt))] == ["step_4", "step_6"]  # step_2 pruned
+    (ckpt / "step_8.partial").mkdir()  # a save cut short: not a checkpoint
+    assert checkpoints(str(ckpt))[-1].endswith("step_6")
+
+    r = engine(tmp_path / "b", "default.yaml", *SHORT)
+    try:
+        r.resume(str(ckpt / "step_4"))
+        assert r.step == 4
+        assert_same_weights(r.weights("policy"), r.weights("rollout"))
+        r.learn(2)
+        resumed = [{k: v for k, v in m.items() if k not in TIMING} for m in r.history]
+        assert resumed == full[4:]
+        assert_same_weights(r.weights("policy"), final)
+    finally:
+        r.shutdown()
+
+    other = engine(tmp_path / "c", "default.yaml", *SHORT, "models.policy.dp=2", "placement.devices_per_node=2")
+    try:
+        with pytest.raises(ValueError, match="layout"):
+            other.resume(str(ckpt / "step_4"))
+    finally:
+        other.shutdown()
+
+
+def test_cli_resume_continues_to_train_steps(ray_gpus, tmp_path, capsys):
+    from rlhfkern.sched import cli
+
+    args = [f"logging.run_dir={tmp_path}", *QUIET, *SHORT, "checkpoint.every_steps=2"]
+    assert cli.main("train", default_config_path(), [*args, "train.steps=2"], resume=True) == 2  # nothing to resume
+    assert "no checkpoint" in capsys.readouterr().err
+    assert cli.main("train", default_config_path(), [*args, "train.steps=2"]) == 0
+    assert cli.main("train", default_config_path(), [*args, "train.steps=3"], resume=True) == 0
+    assert "resumed from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "reward" in json.loads(line)]
+    assert steps == [1, 2, 3]  # the resumed run appended step 3

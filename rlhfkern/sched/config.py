@@ -186,6 +186,7 @@ class LoggingConfig(_Strict):
 class CheckpointConfig(_Strict):
     every_steps: NonNegativeInt = Field(0, description="0: no checkpoints")
     dir: str | None = Field(None, description="default: <run_dir>/checkpoints")
+    keep: PositiveInt | None = Field(None, description="how many of the newest checkpoints to keep; null: all")
 
 
 class EngineConfig(_Strict):

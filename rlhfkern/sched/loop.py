@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import time
 
@@ -88,6 +89,15 @@ class Rank:
     def call(self, method, *args):
         """The backend's `method` on this rank: a Ray future (of its result as `to_wire` sends it)."""
         return self.worker.call.remote(self.model, method, *map(to_wire, args))
+
+
+def checkpoints(root):
+    """The complete checkpoints (step_<N> folders with their engine.json) under `root`, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = [(int(d[5:]), os.path.join(root, d)) for d in os.listdir(root)
+             if d.startswith("step_") and d[5:].isdigit() and os.path.exists(os.path.join(root, d, "engine.json"))]
+    return [p for _, p in sorted(found)]
 
 
 class Engine:
@@ -383,8 +393,7 @@ class Engine:
                 self.history.append(metrics)
                 log.step(metrics)
                 if c.checkpoint.every_steps and self.step % c.checkpoint.every_steps == 0:
-                    self.save(os.path.join(c.checkpoint.dir or os.path.join(c.logging.run_dir, "checkpoints"),
-                                           f"step_{self.step}"))
+                    self._checkpoint()
                 if self.step < end:
                     prompts, pending = (next_prompts, next_pending) if ahead else (self._prompts(), None)
             summary = {"eval_start": start_metric, "eval_end": self.history[-1]["eval/exact"],
@@ -403,13 +412,59 @@ class Engine:
             if isinstance(v, float) and not math.isfinite(v):
                 raise TrainingError(f"step {metrics['step']}: metric {k} is {v}")
 
+    def _trainers(self):
+        return [n for n in ("policy", "value") if getattr(self.cfg.models, n) is not None]
+
+    def _layout(self):
+        """What a checkpoint must match to be loaded: each trainer's parallel shape and dtype."""
+        return {n: {"tp": self.cfg.model(n).tp, "pp": self.cfg.model(n).pp, "dp": self.cfg.model(n).dp,
+                    "dtype": self.cfg.model(n).dtype} for n in self._trainers()}
+
     def save(self, path):
-        """Each trainer rank's model and optimizer under path/<model>/rank_<r>, and the loop state."""
-        ray.get([rank.call("save", os.path.join(path, name, f"rank_{r}"))
-                 for name in ("policy", "value") if getattr(self.cfg.models, name) is not None
-                 for r, rank in enumerate(self._ranks(name))])
-        with open(os.path.join(path, "engine.json"), "w") as f:
-            json.dump({"step": self.step, "rng": self.rng.getstate()[1]}, f)
+        """A checkpoint at `path`: each trainer rank's model and optimizer under
+        path/<model>/rank_<r>, and engine.json (the step, the prompt sampler's RNG, the layout).
+        Written into path.partial, then renamed: a crash during a save leaves no half checkpoint
+        at `path` (nor touches an older one). The generation seeds derive from the step and the
+        models have no dropout, so weights, optimizer state, step and prompt RNG are the whole
+        state: a resumed run repeats an uninterrupted one bitwise (on CPU)."""
+        path = os.path.abspath(path)
+        partial = path + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        ray.get([rank.call("save", os.path.join(partial, name, f"rank_{r}"))
+                 for name in self._trainers() for r, rank in enumerate(self._ranks(name))])
+        with open(os.path.join(partial, "engine.json"), "w") as f:
+            json.dump({"step": self.step, "rng": list(self.rng.getstate()[1]), "layout": self._layout()}, f)
+        if os.path.exists(path):  # the same step saved again: the old one goes only once the new is whole
+            shutil.rmtree(path)
+        os.replace(partial, path)
+        return path
+
+    def _checkpoint(self):
+        """The periodic checkpoint: <checkpoint.dir>/step_<N>, then all but the newest `keep` pruned."""
+        c = self.cfg.checkpoint
+        root = c.dir or os.path.join(self.cfg.logging.run_dir, "checkpoints")
+        self.save(os.path.join(root, f"step_{self.step}"))
+        if c.keep:
+            for old in checkpoints(root)[:-c.keep]:
+                shutil.rmtree(old)
+
+    def resume(self, path):
+        """Continues from the checkpoint at `path` (a step_<N> folder): trainer weights and
+        optimizer state, step, prompt RNG; then the rollout is synced. A checkpoint of another
+        layout or other models is refused, naming the difference."""
+        if self.workers is None:
+            self.start()
+        with open(os.path.join(path, "engine.json")) as f:
+            state = json.load(f)
+        if state["layout"] != self._layout():
+            raise ValueError(f"checkpoint {path} has the layout {state['layout']}, this config {self._layout()}")
+        ray.get([rank.call("load", os.path.join(path, name, f"rank_{r}"))
+                 for name in self._trainers() for r, rank in enumerate(self._ranks(name))])
+        self.step = state["step"]
+        self.rng.setstate((3, tuple(state["rng"]), None))
+        self._sync(self.step)
+        return self
 
     def weights(self, name, rank=0):
         r = self._ranks(name)[rank]
