@@ -172,7 +172,7 @@ def test_ppo_raises_the_held_out_metric(ray_gpus, tmp_path):
 def test_rule_reward_errors_name_the_function_and_the_batch(ray_gpus, tmp_path):
     """A rule reward and a reward model (a sequence classifier in a pool of its own), weighted."""
     rewards = ("models.rewards={flaky: {kind: rule, function: 'sched_rewards:flaky_reward'}, "
-               "rm: {kind: model, weight: 0.5, model: {hf_config: {model_type: llama, vocab_size: 14, hidden_size: 32, "
+               "rm: {kind: model, weight: 0.5, normalize: true, model: {hf_config: {model_type: llama, vocab_size: 14, hidden_size: 32, "
                "intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, pad_token_id: 0}}}}")
     e = engine(tmp_path, "default.yaml", *SHORT, rewards, "placement.devices_per_node=2")
     try:
@@ -188,10 +188,23 @@ def test_rule_reward_errors_name_the_function_and_the_batch(ray_gpus, tmp_path):
         e.learn(1)
         m = e.history[-1]
         assert m["reward/rm"] != 0
-        assert m["reward"] == pytest.approx(m["reward/flaky"] + 0.5 * m["reward/rm"], abs=1e-6)
+        # the model's reward is whitened before its weight: it adds 0 to the mean, its raw mean is logged
+        assert m["reward"] == pytest.approx(m["reward/flaky"], abs=1e-5)
     finally:
         sched_rewards.MODE["kind"] = "ok"
         e.shutdown()
+
+
+def test_shape_reward():
+    from rlhfkern.sched.loop import shape_reward
+
+    r = torch.tensor([0.0, 1.0, 2.0, 10.0])
+    assert torch.equal(shape_reward(r, False, None), r)
+    w = shape_reward(r, True, None)
+    assert w.mean().abs() < 1e-6 and (w.std(correction=0) - 1).abs() < 1e-5
+    assert torch.equal(shape_reward(r, False, 1.5), torch.tensor([0.0, 1.0, 1.5, 1.5]))
+    assert shape_reward(r, True, 1.0).abs().max() == 1.0
+    assert torch.equal(shape_reward(torch.full((3,), 2.0), True, None), torch.zeros(3))  # no spread: all 0
 
 
 def test_nan_loss_stops_the_run_with_its_step(ray_gpus, tmp_path):

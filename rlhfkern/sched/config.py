@@ -90,11 +90,15 @@ class ModelConfig(_Placed):
 class RewardConfig(_Placed):
     """A reward: a rule (a Python callable `module:function`, called in batch as
     fn(prompts, responses) -> list of floats, token ids in and out) or a reward model (scores the
-    last token; its model fields as any model's). The run's reward is sum(weight * reward)."""
+    last token; its model fields as any model's). The run's reward is sum(weight * reward),
+    each reward optionally normalised and clipped first."""
 
     kind: Literal["rule", "model"]
     function: str | None = Field(None, description="rule: 'module:function'")
     weight: float = 1.0
+    normalize: bool = Field(False, description="whiten over the step's batch, (r - mean) / (std + 1e-6), "
+                                               "before the weight")
+    clip: PositiveFloat | None = Field(None, description="clip to [-clip, clip] (after normalize); null: no clip")
 
     @pydantic.model_validator(mode="after")
     def _kind(self):

@@ -91,6 +91,16 @@ class Rank:
         return self.worker.call.remote(self.model, method, *map(to_wire, args))
 
 
+def shape_reward(values, normalize, clip):
+    """One reward's values [B] as they enter the weighted sum: whitened over the batch
+    ((r - mean) / (std + 1e-6), population std) when `normalize`, then clipped to [-clip, clip]."""
+    if normalize:
+        values = (values - values.mean()) / (values.std(correction=0) + 1e-6)
+    if clip is not None:
+        values = values.clamp(-clip, clip)
+    return values
+
+
 def checkpoints(root):
     """The complete checkpoints (step_<N> folders with their engine.json) under `root`, oldest first."""
     if not os.path.isdir(root):
@@ -270,8 +280,8 @@ class Engine:
                 raise RewardError(f"{where} returned {out.numel()} values for {len(prompts)} sequences")
             if not torch.isfinite(out).all():
                 raise RewardError(f"{where} returned a non-finite value")
-            parts[name] = out
-            total += rc.weight * out
+            parts[name] = out  # logged as it came
+            total += rc.weight * shape_reward(out, rc.normalize, rc.clip)
         return total, parts
 
     def _advantages(self, batch, scores):
