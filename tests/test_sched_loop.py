@@ -239,8 +239,16 @@ def test_resume_equals_an_uninterrupted_run(ray_gpus, tmp_path):
 
     r = engine(tmp_path / "b", "default.yaml", *SHORT)
     try:
+        import ray
+
+        r.start()
+        moved = ray.get(r.workers[0].rng_state.remote())
+        moved["torch"] = torch.Generator().manual_seed(99).get_state()  # this worker's RNGs elsewhere
+        ray.get(r.workers[0].set_rng_state.remote(moved))
         r.resume(str(ckpt / "step_4"))
         assert r.step == 4
+        saved = torch.load(ckpt / "step_4" / "rng.pt", weights_only=False)
+        assert torch.equal(ray.get(r.workers[0].rng_state.remote())["torch"], saved[0]["torch"])
         assert_same_weights(r.weights("policy"), r.weights("rollout"))
         r.learn(2)
         resumed = [{k: v for k, v in m.items() if k not in TIMING} for m in r.history]

@@ -416,6 +416,23 @@ class ModelWorker:
                                                        self.groups.get(("model", name)))
         return True
 
+    def rng_state(self):
+        """Every RNG of this process (Python, NumPy, torch CPU and CUDA), for a checkpoint."""
+        import random
+
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def set_rng_state(self, state):
+        import random
+
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"]:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        return True
+
     def call(self, model, method, *args, **kwargs):
         """A backend method of `model` by name (generate, logprobs, values, scores, train_policy, ...);
         arguments and result as `to_wire` sends them."""

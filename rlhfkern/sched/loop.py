@@ -427,22 +427,23 @@ class Engine:
 
     def _layout(self):
         """What a checkpoint must match to be loaded: each trainer's parallel shape and dtype."""
-        return {n: {"tp": self.cfg.model(n).tp, "pp": self.cfg.model(n).pp, "dp": self.cfg.model(n).dp,
-                    "dtype": self.cfg.model(n).dtype} for n in self._trainers()}
+        return {"workers": len(self.placement.workers),
+                **{n: {"tp": self.cfg.model(n).tp, "pp": self.cfg.model(n).pp, "dp": self.cfg.model(n).dp,
+                       "dtype": self.cfg.model(n).dtype} for n in self._trainers()}}
 
     def save(self, path):
         """A checkpoint at `path`: each trainer rank's model and optimizer under
-        path/<model>/rank_<r>, and engine.json (the step, the prompt sampler's RNG, the layout).
-        Written into path.partial, then renamed: a crash during a save leaves no half checkpoint
-        at `path` (nor touches an older one). The generation seeds derive from the step and the
-        models have no dropout, so weights, optimizer state, step and prompt RNG are the whole
-        state: a resumed run repeats an uninterrupted one bitwise (on CPU)."""
+        path/<model>/rank_<r>, every worker's RNGs (rng.pt: Python, NumPy, torch CPU and CUDA)
+        and engine.json (the step, the prompt sampler's RNG, the layout). Written into
+        path.partial, then renamed: a crash during a save leaves no half checkpoint at `path`
+        (nor touches an older one). A resumed run repeats an uninterrupted one bitwise (on CPU)."""
         path = os.path.abspath(path)
         partial = path + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
         ray.get([rank.call("save", os.path.join(partial, name, f"rank_{r}"))
                  for name in self._trainers() for r, rank in enumerate(self._ranks(name))])
+        torch.save(ray.get([w.rng_state.remote() for w in self.workers]), os.path.join(partial, "rng.pt"))
         with open(os.path.join(partial, "engine.json"), "w") as f:
             json.dump({"step": self.step, "rng": list(self.rng.getstate()[1]), "layout": self._layout()}, f)
         if os.path.exists(path):  # the same step saved again: the old one goes only once the new is whole
@@ -461,7 +462,7 @@ class Engine:
 
     def resume(self, path):
         """Continues from the checkpoint at `path` (a step_<N> folder): trainer weights and
-        optimizer state, step, prompt RNG; then the rollout is synced. A checkpoint of another
+        optimizer state, every worker's RNGs, step, prompt RNG; then the rollout is synced. A checkpoint of another
         layout or other models is refused, naming the difference."""
         if self.workers is None:
             self.start()
@@ -471,6 +472,8 @@ class Engine:
             raise ValueError(f"checkpoint {path} has the layout {state['layout']}, this config {self._layout()}")
         ray.get([rank.call("load", os.path.join(path, name, f"rank_{r}"))
                  for name in self._trainers() for r, rank in enumerate(self._ranks(name))])
+        rngs = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+        ray.get([w.set_rng_state.remote(r) for w, r in zip(self.workers, rngs)])
         self.step = state["step"]
         self.rng.setstate((3, tuple(state["rng"]), None))
         self._sync(self.step)
