@@ -3,6 +3,7 @@ bitwise weight sync, learning (GRPO and PPO raise the held-out metric), reward a
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -277,3 +278,30 @@ def test_cli_resume_continues_to_train_steps(ray_gpus, tmp_path, capsys):
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if "reward" in json.loads(line)]
     assert steps == [1, 2, 3]  # the resumed run appended step 3
+
+
+def test_a_killed_worker_costs_the_step_in_progress(ray_gpus, tmp_path):
+    """The worker process is SIGKILLed during step 3 (checkpoints every step): the engine
+    restarts the workers, resumes from step 2's checkpoint, runs step 3 again and goes on; the
+    metrics equal an uninterrupted run's, and the log says what happened."""
+    import ray
+
+    _, clean = run(tmp_path / "clean", "default.yaml", 4, *SHORT, *COPY)
+    kill = ["models.rewards={copy: {kind: rule, function: 'sched_rewards:killing_reward'}}",
+            "checkpoint.every_steps=1", "data.task=copy"]
+    e = engine(tmp_path / "killed", "default.yaml", *SHORT, *kill)
+    try:
+        e.start()
+        sched_rewards.KILL.update(at_call=3, calls=0, pid=ray.get(e.workers[0].info.remote())["pid"])
+        t0 = time.perf_counter()
+        e.learn(4)
+        assert time.perf_counter() - t0 < 120
+        assert [{k: v for k, v in m.items() if k not in TIMING} for m in e.history] == clean
+        assert ray.get(e.workers[0].info.remote())["pid"] != sched_rewards.KILL["pid"]  # a new process
+    finally:
+        sched_rewards.KILL.update(pid=None)
+        e.shutdown()
+    events = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+              if "event" in line]
+    assert len(events) == 1 and events[0]["step"] == 3
+    assert "a worker died" in events[0]["event"] and "step_2" in events[0]["event"]

@@ -390,15 +390,20 @@ class Engine:
             t0 = time.perf_counter()
             off = c.rollout.off_policy_steps  # config.check: only with the rollout in a pool of its own
             prompts, pending = self._prompts(), None
-            for i in range(steps):
-                ahead = off and i + 1 < steps
-                if ahead:  # the next batch is generated with the current rollout weights, while this trains
-                    next_prompts = self._prompts()
-                    next_pending = self._generate(next_prompts, self._seed(1))
-                metrics = self.train_step(prompts, pending)
-                self.step += 1
-                if self.step == end or (c.train.eval_every_steps and self.step % c.train.eval_every_steps == 0):
-                    metrics["eval/exact"] = self.evaluate()
+            while self.step < end:
+                ahead = off and self.step + 1 < end
+                try:
+                    if ahead:  # the next batch is generated with the current rollout weights, while this trains
+                        next_prompts = self._prompts()
+                        next_pending = self._generate(next_prompts, self._seed(1))
+                    metrics = self.train_step(prompts, pending)
+                    self.step += 1
+                    if self.step == end or (c.train.eval_every_steps and self.step % c.train.eval_every_steps == 0):
+                        metrics["eval/exact"] = self.evaluate()
+                except ray.exceptions.RayActorError as e:  # a worker process died (killed, OOM)
+                    self._recover(e, log)
+                    prompts, pending = self._prompts(), None
+                    continue
                 self._check_finite(metrics)
                 self.history.append(metrics)
                 log.step(metrics)
@@ -413,6 +418,26 @@ class Engine:
             return summary
         finally:
             log.close()
+
+    def _recover(self, error, log):
+        """After a worker died: every worker is replaced (the survivors may wait on the dead one
+        in a collective), the run resumes from the newest checkpoint, else from its initial state
+        (which the seed makes the same), and the steps since are run again (one with a checkpoint
+        every step)."""
+        c, failed = self.cfg, self.step + 1
+        found = checkpoints(c.checkpoint.dir or os.path.join(c.logging.run_dir, "checkpoints"))
+        for w in self.workers or ():
+            ray.kill(w, no_restart=True)
+        self.workers = self.ranks = None
+        self.placement.remove()
+        self.step, self.rollout_version, self.rng = 0, 0, random.Random(c.train.seed)
+        self.start()
+        if found:
+            self.resume(found[-1])
+        self.history = [m for m in self.history if m["step"] <= self.step]
+        log.event(failed, f"step {failed}: a worker died ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                          f"workers restarted, resumed from {found[-1] if found else 'the initial state'} "
+                          f"(step {self.step}), {failed - 1 - self.step} step(s) to redo besides step {failed}")
 
     def _seed(self, ahead=0):
         return self.cfg.train.seed * 7919 + self.step + ahead + 1

@@ -49,6 +49,13 @@ class RunLog:
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
 
+    def event(self, step, text):
+        """Something the run did besides training (a worker lost and the run recovered): a line
+        in metrics.jsonl and on the console."""
+        self.jsonl.write(json.dumps({"step": step, "event": text}) + "\n")
+        self.jsonl.flush()
+        print(f"rlhfkern: {text}", flush=True) if self.bar is None else self.bar.write(f"rlhfkern: {text}")
+
     def finish(self, summary):
         if self.bar is not None:
             self.bar.close()
