@@ -155,6 +155,9 @@ def test_grpo_raises_the_held_out_metric(ray_gpus, tmp_path):
     assert e.history[-1]["reward"] > e.history[0]["reward"] + 0.3
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 101 and json.loads(lines[-1])["eval/exact"] == summary["eval_end"]
+    start, end = json.loads(lines[0]), json.loads(lines[-1])  # the held-out reward and length are logged too
+    assert end["eval/reward"] > start["eval/reward"] and end["eval/reward"] >= end["eval/exact"]
+    assert 1 <= end["eval/response_tokens"] <= 6
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -281,7 +284,8 @@ def test_cli_resume_continues_to_train_steps(ray_gpus, tmp_path, capsys):
 
 
 def test_a_killed_worker_costs_the_step_in_progress(ray_gpus, tmp_path):
-    """The worker process is SIGKILLed during step 3 (checkpoints every step): the engine
+    """The worker process is SIGKILLed during step 3 (the reward's 4th call: the first is the
+    held-out evaluation at the start; checkpoints every step): the engine
     restarts the workers, resumes from step 2's checkpoint, runs step 3 again and goes on; the
     metrics equal an uninterrupted run's, and the log says what happened."""
     import ray
@@ -292,7 +296,7 @@ def test_a_killed_worker_costs_the_step_in_progress(ray_gpus, tmp_path):
     e = engine(tmp_path / "killed", "default.yaml", *SHORT, *kill)
     try:
         e.start()
-        sched_rewards.KILL.update(at_call=3, calls=0, pid=ray.get(e.workers[0].info.remote())["pid"])
+        sched_rewards.KILL.update(at_call=4, calls=0, pid=ray.get(e.workers[0].info.remote())["pid"])
         t0 = time.perf_counter()
         e.learn(4)
         assert time.perf_counter() - t0 < 120

@@ -251,12 +251,17 @@ class Engine:
         return [p for p in prompts for _ in range(G)]
 
     def evaluate(self):
-        """Exact-match accuracy of greedy answers on the held-out prompts."""
+        """Exact-match accuracy of greedy answers on the held-out prompts. Also sets
+        `eval_metrics`: that accuracy, the mean reward of those answers (every configured
+        reward, weighted) and their mean length in tokens."""
+        prompts = self.task.eval_set
         with self._phase("eval", {"rollout"}):
-            responses, mask, _ = self._gather(self._generate(self.task.eval_set, 0, greedy=True)[0])
-        hits = [tasks.exact(self.cfg.data.task, p, r[:int(m.sum())].tolist())
-                for p, r, m in zip(self.task.eval_set, responses, mask)]
-        return sum(hits) / len(hits)
+            responses, mask, _ = self._gather(self._generate(prompts, 0, greedy=True)[0])
+            scores, _ = self._rewards(prompts, responses, mask, self._make_batch(prompts, responses, mask))
+        hits = [tasks.exact(self.cfg.data.task, p, r[:int(m.sum())].tolist()) for p, r, m in zip(prompts, responses, mask)]
+        self.eval_metrics = {"eval/exact": sum(hits) / len(hits), "eval/reward": float(scores.mean()),
+                             "eval/response_tokens": float(mask.sum(1).float().mean())}
+        return self.eval_metrics["eval/exact"]
 
     def _rewards(self, prompts, responses, mask, batch):
         """Per-sequence reward: sum of weight * each reward; checked for length and finiteness."""
@@ -386,7 +391,7 @@ class Engine:
         log = RunLog(c, steps, append=self.step > 0)
         try:
             start_metric = self.evaluate()
-            log.eval(self.step, start_metric)
+            log.eval(self.step, self.eval_metrics)
             t0 = time.perf_counter()
             off = c.rollout.off_policy_steps  # config.check: only with the rollout in a pool of its own
             prompts, pending = self._prompts(), None
@@ -399,7 +404,8 @@ class Engine:
                     metrics = self.train_step(prompts, pending)
                     self.step += 1
                     if self.step == end or (c.train.eval_every_steps and self.step % c.train.eval_every_steps == 0):
-                        metrics["eval/exact"] = self.evaluate()
+                        self.evaluate()
+                        metrics.update(self.eval_metrics)
                 except ray.exceptions.RayActorError as e:  # a worker process died (killed, OOM)
                     self._recover(e, log)
                     prompts, pending = self._prompts(), None

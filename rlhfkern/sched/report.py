@@ -24,9 +24,10 @@ class RunLog:
             self.bar = tqdm(total=steps, desc="rlhf", unit="step", dynamic_ncols=True)
         self.steps, self.evals = [], []
 
-    def eval(self, step, value):
-        self.evals.append((step, value))
-        self._write({"step": step, "eval/exact": value})
+    def eval(self, step, metrics):
+        """The held-out evaluation (Engine.eval_metrics) at `step`."""
+        self.evals.append((step, metrics["eval/exact"]))
+        self._write({"step": step, **metrics})
 
     def _write(self, metrics):
         self.jsonl.write(json.dumps(metrics) + "\n")
