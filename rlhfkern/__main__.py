@@ -90,9 +90,26 @@ def main(argv=None):
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest checkpoint in checkpoint.dir up to train.steps")
+    g = sub.add_parser("generate", help="offline batch inference of a checkpoint's model on an RL prompts file")
+    g.add_argument("--checkpoint", required=True, help="a checkpoint's step folder, or any saved model folder")
+    g.add_argument("--prompts", required=True, help='JSON Lines, {"prompt": str} a line')
+    g.add_argument("--out", default=None, help="JSON Lines of {prompt, response} (default: stdout)")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command in ("train", "plan"):
         return engine_command(args)
+    if args.command == "generate":
+        from .sched import cli
+
+        try:
+            return cli.generate(args.checkpoint, args.prompts, args.out, args.max_new_tokens, args.temperature,
+                                args.top_p, args.seed)
+        except (ValueError, FileNotFoundError) as e:  # a bad prompts file (DataError), checkpoint or vocabulary
+            print(f"rlhfkern generate: {e}", file=sys.stderr)
+            return 2
     print(info() if args.command == "info" else reshard(args))
     return 0
 

@@ -115,3 +115,37 @@ def test_wire_round_trip():
     assert torch.equal(back["pair"][0], x["pair"][0]) and back["pair"][1] is None
     assert back["prompts"] == x["prompts"] and back["step"] == 5
     back["lp"] += 1  # writable, not a view of the sender's buffer
+
+
+def test_task_text_round_trip():
+    ids = tasks.encode("1 2 3 =")
+    assert ids == [tasks.BOS, tasks.DIGIT0 + 1, tasks.DIGIT0 + 2, tasks.DIGIT0 + 3, tasks.SEP]
+    assert tasks.encode("<s> 1 =") == [tasks.BOS, tasks.DIGIT0 + 1, tasks.SEP]
+    assert tasks.decode([tasks.DIGIT0 + 3, tasks.PAD, tasks.EOS, tasks.DIGIT0]) == "3 </s>"
+    with pytest.raises(ValueError, match="'x' is not a symbol"):
+        tasks.encode("1 x =")
+
+
+def test_generate_command_answers_a_prompts_file(tmp_path, capsys):
+    """`rlhfkern generate` on a saved model: one line per prompt, the greedy answers of the
+    backend's own decoding; a bad prompts file stops before the model loads."""
+    import json
+
+    from rlhfkern.__main__ import main
+
+    b = backend("rollout.max_new_tokens=5")
+    b.save(str(tmp_path / "step_3" / "policy" / "rank_0"))
+    prompts = ["1 2 3 =", "<s> 9 =", "4 4 4 4 4 ="]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert main(["generate", "--checkpoint", str(tmp_path / "step_3"), "--prompts", str(tmp_path / "p.jsonl"),
+                 "--max-new-tokens", "5", "--out", str(tmp_path / "out.jsonl")]) == 0
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in got] == prompts
+    resp, mask, _ = b.generate([tasks.encode(p) for p in prompts], seed=0, greedy=True)
+    assert [g["response"] for g in got] == [tasks.decode(r[:int(m.sum())].tolist()) for r, m in zip(resp, mask)]
+    capsys.readouterr()
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1 ="}\n{"promt": "2 ="}\n')
+    assert main(["generate", "--checkpoint", str(tmp_path / "step_3"), "--prompts", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:2: missing key 'prompt'" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl")]) == 2
+    assert "no model there" in capsys.readouterr().err

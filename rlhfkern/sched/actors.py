@@ -118,6 +118,45 @@ def sample_tokens(logits, temperature, top_p, generator=None):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+@torch.no_grad()
+def decode(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
+    """A causal LM's answers to prompts (lists of token ids) -> (responses [B, max_new_tokens]
+    padded with PAD, their mask, log_probs [B, max_new_tokens] fp32). Decoding with the model's
+    KV cache: one prefill, then one token per row per step (`sample_tokens` at `temperature` and
+    `top_p`; temperature 0 = greedy), rows that emitted EOS padded, stopping when every row has;
+    seeded by `seed` (a generator of its own). log_probs: log softmax(logits / temperature) of
+    each sampled token over the whole vocabulary (top-p does not change it), what the trainer's
+    forward computes for the same weights; 0 after EOS and when greedy."""
+    from transformers import DynamicCache
+
+    eos, dev = model.config.eos_token_id, model.device
+    ids, am = (t.to(dev) for t in left_padded(prompts))
+    B = ids.shape[0]
+    gen = torch.Generator(dev).manual_seed(seed)
+    pos = position_ids(am)
+    resp = torch.full((B, max_new_tokens), tasks.PAD, dtype=torch.int64, device=dev)
+    lps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, logits_to_keep=1,
+                past_key_values=DynamicCache(config=model.config))
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1]
+        tok = sample_tokens(logits, temperature, top_p, gen).masked_fill(done, tasks.PAD)
+        resp[:, t] = tok
+        if temperature > 0:
+            lp = torch.log_softmax(logits.float() / temperature, -1).gather(1, tok[:, None])[:, 0]
+            lps[:, t] = lp.masked_fill(done, 0.0)
+        done |= tok == eos
+        if t + 1 == max_new_tokens or bool(done.all()):
+            break
+        am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=tok[:, None], attention_mask=am, position_ids=pos, use_cache=True,
+                    past_key_values=out.past_key_values)
+    resp = resp.cpu()
+    return resp, response_mask_of(resp, eos), lps.cpu()
+
+
 def response_mask_of(responses, eos_id):
     """1 for the response's tokens up to and including the first EOS (no EOS: all of them). A
     sampled PAD before the EOS is a real token; the padding after it is not."""
@@ -207,43 +246,11 @@ class HFBackend:
         ids, am, pos = self._inputs(batch)
         return self.model(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, 0].float().cpu()
 
-    @torch.no_grad()
     def generate(self, prompts, seed, greedy=False):
-        """prompts: lists of token ids -> (responses [B, max_new_tokens] padded with PAD, their
-        mask, log_probs [B, max_new_tokens] fp32). Decoding with the model's KV cache: one
-        prefill, then one token per row per step (`sample_tokens` at the rollout temperature and
-        top-p, or argmax when greedy), rows that emitted EOS padded, stopping when every row has;
-        seeded by `seed` (a generator of its own). log_probs: log softmax(logits / temperature)
-        of each sampled token over the whole vocabulary (top-p does not change it), what the
-        trainer's forward computes for the same weights; 0 after EOS and when greedy."""
-        from transformers import DynamicCache
-
-        r, eos, dev = self.cfg.rollout, self.hf_config.eos_token_id, self.device
-        ids, am = (t.to(dev) for t in left_padded(prompts))
-        B = ids.shape[0]
-        gen = torch.Generator(dev).manual_seed(seed)
-        pos = position_ids(am)
-        resp = torch.full((B, r.max_new_tokens), tasks.PAD, dtype=torch.int64, device=dev)
-        lps = torch.zeros((B, r.max_new_tokens), dtype=torch.float32, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        out = self.model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         past_key_values=DynamicCache(config=self.hf_config))
-        for t in range(r.max_new_tokens):
-            logits = out.logits[:, -1]
-            tok = sample_tokens(logits, 0 if greedy else r.temperature, r.top_p, gen).masked_fill(done, tasks.PAD)
-            resp[:, t] = tok
-            if not greedy:
-                lp = torch.log_softmax(logits.float() / r.temperature, -1).gather(1, tok[:, None])[:, 0]
-                lps[:, t] = lp.masked_fill(done, 0.0)
-            done |= tok == eos
-            if t + 1 == r.max_new_tokens or bool(done.all()):
-                break
-            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-            pos = pos[:, -1:] + 1
-            out = self.model(input_ids=tok[:, None], attention_mask=am, position_ids=pos, use_cache=True,
-                             past_key_values=out.past_key_values)
-        resp = resp.cpu()
-        return resp, response_mask_of(resp, eos), lps.cpu()
+        """`decode` with this model at the rollout's max_new_tokens, temperature and top-p (or
+        greedy): (responses, their mask, the sampled tokens' log-probs)."""
+        r = self.cfg.rollout
+        return decode(self.model, prompts, r.max_new_tokens, 0.0 if greedy else r.temperature, r.top_p, seed)
 
     # ---------------------------------------------------------------------------- training
     def _minibatches(self, batch, minibatch, epochs):

@@ -1,4 +1,5 @@
-"""`rlhfkern train|plan [config.yaml] [key.path=value ...]` (also `python -m rlhfkern ...`)."""
+"""`rlhfkern train|plan [config.yaml] [key.path=value ...]` and `rlhfkern generate --checkpoint
+DIR --prompts FILE` (also `python -m rlhfkern ...`)."""
 
 import os
 import sys
@@ -43,3 +44,53 @@ def main(command, config_path=None, overrides=(), resume=False):
         return 2
     return 0
 
+
+
+def model_folder(checkpoint):
+    """The HF model folder of a checkpoint: DIR itself (config.json there: any saved model, e.g.
+    <step>/policy/rank_0) or a step folder's policy rank 0."""
+    for folder in (checkpoint, os.path.join(checkpoint, "policy", "rank_0")):
+        if os.path.exists(os.path.join(folder, "config.json")):
+            return folder
+    raise FileNotFoundError(f"{checkpoint}: no model there (no config.json in it nor in its policy/rank_0)")
+
+
+def generate(checkpoint, prompts_path, out=None, max_new_tokens=16, temperature=0.0, top_p=1.0, seed=0,
+             batch_size=256):
+    """Offline batch inference: the answers of the model at `checkpoint` to the prompts of an RL
+    JSON Lines file ({"prompt": str} a line), one {"prompt", "response"} line each, to `out` (or
+    stdout). Text <-> tokens: the folder's own tokenizer when it has one, else the digit tasks'
+    symbols. Greedy unless temperature > 0."""
+    import json
+
+    import torch
+    import transformers
+
+    from . import tasks
+    from .actors import decode
+    from .data import read_jsonl
+
+    records = read_jsonl(prompts_path, "rl")  # every line checked before the model loads
+    folder = model_folder(checkpoint)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).to("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval()
+    if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        encode, to_text = tok.encode, lambda ids: tok.decode(ids, skip_special_tokens=True)
+    elif model.config.vocab_size == tasks.VOCAB_SIZE:
+        encode, to_text = tasks.encode, tasks.decode
+    else:
+        raise ValueError(f"{folder}: no tokenizer files, and a vocabulary of {model.config.vocab_size} "
+                         f"is not the digit tasks' {tasks.VOCAB_SIZE}")
+    sink = open(out, "w") if out else sys.stdout
+    try:
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
+            resp, mask, _ = decode(model, [encode(r.prompt) for r in batch], max_new_tokens, temperature, top_p,
+                                   seed + start)
+            for r, ids, m in zip(batch, resp, mask):
+                sink.write(json.dumps({"prompt": r.prompt, "response": to_text(ids[:int(m.sum())].tolist())}) + "\n")
+    finally:
+        if out:
+            sink.close()
+    return 0

@@ -13,6 +13,29 @@ import random
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 DIGIT0 = 4
 VOCAB_SIZE = DIGIT0 + 10
+# the tasks' text form: one whitespace-separated symbol a token ("<s> 1 2 3 =")
+SYMBOLS = ["<pad>", "<s>", "</s>", "="] + [str(d) for d in range(10)]
+
+
+def encode(text):
+    """Text of the tasks' symbols -> token ids; a prompt without its leading BOS gets one."""
+    words = text.split()
+    bad = [w for w in words if w not in SYMBOLS]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a symbol of the digit tasks (one of {' '.join(SYMBOLS)})")
+    ids = [SYMBOLS.index(w) for w in words]
+    return ids if ids[:1] == [BOS] else [BOS] + ids
+
+
+def decode(ids):
+    """Token ids -> text, up to and including the first EOS, PAD dropped."""
+    out = []
+    for i in ids:
+        if i != PAD:
+            out.append(SYMBOLS[i])
+        if i == EOS:
+            break
+    return " ".join(out)
 
 
 def _answer(kind, digits):
