@@ -23,7 +23,18 @@ import os
 import sys
 import time
 
-SYMBOLS = ["<pad>", "<s>", "</s>", "="] + [str(d) for d in range(10)]  # ids 0..13 as rlhfkern.sched.tasks
+
+
+def load_tasks(path):
+    spec = importlib.util.spec_from_file_location("rlhfkern_tasks", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# the digit tasks' symbols, one a token id, from rlhfkern/sched/tasks.py (loaded by path)
+SYMBOLS = load_tasks(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "rlhfkern", "sched",
+                                  "tasks.py")).SYMBOLS
 
 
 def tokenizer():
@@ -49,13 +60,6 @@ def weight_digest(named_parameters):
         h.update(name.encode())
         h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def load_tasks(path):
-    spec = importlib.util.spec_from_file_location("rlhfkern_tasks", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class Channel:
