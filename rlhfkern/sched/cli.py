@@ -27,7 +27,7 @@ def main(command, config_path=None, overrides=(), resume=False):
             if resume:
                 from .loop import checkpoints
 
-                root = cfg.checkpoint.dir or os.path.join(cfg.logging.run_dir, "checkpoints")
+                root = cfg.checkpoint_dir()
                 found = checkpoints(root)
                 if not found:
                     print(f"--resume: no checkpoint in {root}", file=sys.stderr)

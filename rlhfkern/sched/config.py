@@ -209,6 +209,10 @@ class EngineConfig(_Strict):
         names = ["policy", "rollout"] + [r for r in ("reference", "value") if getattr(self.models, r) is not None]
         return names + [f"reward:{n}" for n, r in self.models.rewards.items() if r.kind == "model"]
 
+    def checkpoint_dir(self):
+        """Where the periodic checkpoints go (and --resume looks): checkpoint.dir, else <run_dir>/checkpoints."""
+        return self.checkpoint.dir or os.path.join(self.logging.run_dir, "checkpoints")
+
     def model(self, name):
         if name.startswith("reward:"):
             return self.models.rewards[name.split(":", 1)[1]]

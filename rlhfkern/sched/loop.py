@@ -431,7 +431,7 @@ class Engine:
         (which the seed makes the same), and the steps since are run again (one with a checkpoint
         every step)."""
         c, failed = self.cfg, self.step + 1
-        found = checkpoints(c.checkpoint.dir or os.path.join(c.logging.run_dir, "checkpoints"))
+        found = checkpoints(c.checkpoint_dir())
         for w in self.workers or ():
             ray.kill(w, no_restart=True)
         self.workers = self.ranks = None
@@ -457,7 +457,8 @@ class Engine:
         return [n for n in ("policy", "value") if getattr(self.cfg.models, n) is not None]
 
     def _layout(self):
-        """What a checkpoint must match to be loaded: each trainer's parallel shape and dtype."""
+        """What a checkpoint must match to be loaded: the worker count, each trainer's parallel
+        shape and dtype."""
         return {"workers": len(self.placement.workers),
                 **{n: {"tp": self.cfg.model(n).tp, "pp": self.cfg.model(n).pp, "dp": self.cfg.model(n).dp,
                        "dtype": self.cfg.model(n).dtype} for n in self._trainers()}}
@@ -484,11 +485,10 @@ class Engine:
 
     def _checkpoint(self):
         """The periodic checkpoint: <checkpoint.dir>/step_<N>, then all but the newest `keep` pruned."""
-        c = self.cfg.checkpoint
-        root = c.dir or os.path.join(self.cfg.logging.run_dir, "checkpoints")
+        root = self.cfg.checkpoint_dir()
         self.save(os.path.join(root, f"step_{self.step}"))
-        if c.keep:
-            for old in checkpoints(root)[:-c.keep]:
+        if self.cfg.checkpoint.keep:
+            for old in checkpoints(root)[:-self.cfg.checkpoint.keep]:
                 shutil.rmtree(old)
 
     def resume(self, path):
