@@ -66,7 +66,9 @@ def openrlhf_losses():
     """OpenRLHF 0.11.2's own models/loss.py and models/utils.py. The package `openrlhf.models`
     imports model code that needs deepspeed and flash-attn (CUDA builds, not installable here), so
     these two files are loaded on their own; `deepspeed`, imported by utils.py for functions the
-    tests never call, is an empty stand-in when it is not installed."""
+    tests never call, is an empty stand-in while they load when it is not installed (removed after:
+    a module without a spec left in sys.modules breaks importlib.util.find_spec("deepspeed"),
+    which accelerate calls from transformers' save_pretrained)."""
     import importlib
     import os
     import sys
@@ -75,13 +77,18 @@ def openrlhf_losses():
     openrlhf = pytest.importorskip("openrlhf", reason="openrlhf is not installed (pip install --no-deps "
                                    "openrlhf==0.11.2: its own dependencies need CUDA builds)")
 
-    if "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is None:
+    stand_in = "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is None
+    if stand_in:
         sys.modules["deepspeed"] = types.ModuleType("deepspeed")
-    package = types.ModuleType("openrlhf_models_under_test")
-    package.__path__ = [os.path.join(os.path.dirname(openrlhf.__file__), "models")]
-    sys.modules[package.__name__] = package
-    loss = importlib.import_module(package.__name__ + ".loss")
-    utils = importlib.import_module(package.__name__ + ".utils")
+    try:
+        package = types.ModuleType("openrlhf_models_under_test")
+        package.__path__ = [os.path.join(os.path.dirname(openrlhf.__file__), "models")]
+        sys.modules.setdefault(package.__name__, package)
+        loss = importlib.import_module(package.__name__ + ".loss")
+        utils = importlib.import_module(package.__name__ + ".utils")
+    finally:
+        if stand_in:
+            del sys.modules["deepspeed"]
     return loss, utils
 
 
