@@ -25,16 +25,13 @@ def main(command, config_path=None, overrides=(), resume=False):
         try:
             steps = None
             if resume:
-                from .loop import checkpoints
-
-                root = cfg.checkpoint_dir()
-                found = checkpoints(root)
-                if not found:
-                    print(f"--resume: no checkpoint in {root}", file=sys.stderr)
+                latest = engine.latest_checkpoint()
+                if latest is None:
+                    print(f"--resume: no checkpoint in {cfg.checkpoint_dir()}", file=sys.stderr)
                     return 2
-                engine.resume(found[-1])
+                engine.resume(latest)
                 steps = cfg.train.steps - engine.step
-                print(f"resumed from {found[-1]} (step {engine.step}); {max(steps, 0)} steps to go", flush=True)
+                print(f"resumed from {latest} (step {engine.step}); {max(steps, 0)} steps to go", flush=True)
             if steps is None or steps > 0:
                 engine.learn(steps)
         finally:

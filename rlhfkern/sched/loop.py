@@ -122,16 +122,21 @@ class Engine:
         self.device = resolve_device(c)
         self.workers = None  # one Ray actor per placement worker (Placement.workers)
         self.ranks = None    # model -> [Rank per rank]
-        self.step = 0
-        self.rollout_version = 0  # the policy step whose weights the rollout holds (last sync)
+        self._initial_state()
         # On-policy, the rollout's log-probs of its samples are the old log-probs PPO needs, when
         # it computes them as the trainer would (the same backend and dtype, hence the same
         # numbers up to rounding): the trainer then skips its no-grad pass over the batch.
         rollout, policy = c.model("rollout"), c.models.policy
         self.old_log_prob_from_rollout = rollout.backend == policy.backend == "hf" and rollout.dtype == policy.dtype
         self.history = []
-        self.rng = random.Random(c.train.seed)
         self.phase_seconds = {p: 0.0 for p in PHASES}
+
+    def _initial_state(self):
+        """The run's state before step 1 (the seed decides it): at construction, and after a lost
+        worker when no checkpoint exists."""
+        self.step = 0
+        self.rollout_version = 0  # the policy step whose weights the rollout holds (last sync)
+        self.rng = random.Random(self.cfg.train.seed)  # draws the training prompts
 
     # ------------------------------------------------------------------------------ start-up
     def start(self):
@@ -430,19 +435,18 @@ class Engine:
         in a collective), the run resumes from the newest checkpoint, else from its initial state
         (which the seed makes the same), and the steps since are run again (one with a checkpoint
         every step)."""
-        c, failed = self.cfg, self.step + 1
-        found = checkpoints(c.checkpoint_dir())
+        failed, latest = self.step + 1, self.latest_checkpoint()
         for w in self.workers or ():
             ray.kill(w, no_restart=True)
         self.workers = self.ranks = None
         self.placement.remove()
-        self.step, self.rollout_version, self.rng = 0, 0, random.Random(c.train.seed)
+        self._initial_state()
         self.start()
-        if found:
-            self.resume(found[-1])
+        if latest:
+            self.resume(latest)
         self.history = [m for m in self.history if m["step"] <= self.step]
         log.event(failed, f"step {failed}: a worker died ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                          f"workers restarted, resumed from {found[-1] if found else 'the initial state'} "
+                          f"workers restarted, resumed from {latest or 'the initial state'} "
                           f"(step {self.step}), {failed - 1 - self.step} step(s) to redo besides step {failed}")
 
     def _seed(self, ahead=0):
@@ -482,6 +486,11 @@ class Engine:
             shutil.rmtree(path)
         os.replace(partial, path)
         return path
+
+    def latest_checkpoint(self):
+        """The newest complete checkpoint under checkpoint_dir(), or None."""
+        found = checkpoints(self.cfg.checkpoint_dir())
+        return found[-1] if found else None
 
     def _checkpoint(self):
         """The periodic checkpoint: <checkpoint.dir>/step_<N>, then all but the newest `keep` pruned."""

@@ -55,7 +55,10 @@ class RunLog:
         in metrics.jsonl and on the console."""
         self.jsonl.write(json.dumps({"step": step, "event": text}) + "\n")
         self.jsonl.flush()
-        print(f"rlhfkern: {text}", flush=True) if self.bar is None else self.bar.write(f"rlhfkern: {text}")
+        if self.bar is None:
+            print(f"rlhfkern: {text}", flush=True)
+        else:
+            self.bar.write(f"rlhfkern: {text}")
 
     def finish(self, summary):
         if self.bar is not None:
