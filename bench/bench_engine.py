@@ -1,5 +1,5 @@
 """Engine benchmark: seconds per RL step and tokens per second (generated and trained) of the
-engine's tiny default run (rlhfkern/sched/configs/default.yaml: GRPO, a tiny Llama made from a
+engine's tiny default run (rlhfkern/sched/configs/grpo_reverse.yaml: GRPO, a tiny Llama made from a
 config, a digit task, 32 prompts x 8 samples, at most 6 new tokens), colocated (the default:
 policy, rollout and reference time-share one device) and separate (the rollout on a device of its
 own), against TRL's GRPOTrainer (trl 1.16, this venv) and PPOTrainer (trl.experimental.ppo of
@@ -62,11 +62,11 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import trl_baseline  # noqa: E402
 
-CONFIG = os.path.join(ROOT, "rlhfkern", "sched", "configs", "default.yaml")
+CONFIG = os.path.join(ROOT, "rlhfkern", "sched", "configs", "grpo_reverse.yaml")
 TASKS_PY = os.path.join(ROOT, "rlhfkern", "sched", "tasks.py")
 WARMUP, ROUNDS = 2, int(os.environ.get("RLHFKERN_BENCH_ROUNDS", "10"))
 STEPS_PER_ROUND = int(os.environ.get("RLHFKERN_BENCH_STEPS_PER_ROUND", "4"))
-GROUP = "RL step, tiny default run (rlhfkern/sched/configs/default.yaml), CPU"
+GROUP = "RL step, tiny default run (rlhfkern/sched/configs/grpo_reverse.yaml), CPU"
 SEPARATE = ["placement.colocate=[[policy,reference]]", "placement.devices_per_node=2"]
 TRL112_PYTHON = os.environ.get("RLHFKERN_TRL112_PYTHON", os.path.join(ROOT, ".venv-trl112", "bin", "python"))
 START_TIMEOUT_S, STEP_TIMEOUT_S = 300, 300

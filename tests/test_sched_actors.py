@@ -12,12 +12,15 @@ from conftest import need  # noqa: E402
 need("pydantic", "yaml", "transformers", extra="ray")
 
 from rlhfkern.sched import tasks
-from rlhfkern.sched.actors import HFBackend, from_wire, left_padded, response_mask_of, sample_tokens, to_wire
+from rlhfkern.sched.actors import (HFBackend, from_wire, left_padded, lr_factor, packed, response_mask_of, sample_tokens,
+                                   sequence_batch, to_wire)
 from rlhfkern.sched.config import default_config_path, load_config
+
+GRPO = default_config_path().replace("default.yaml", "grpo_reverse.yaml")  # the rl stage alone
 
 
 def backend(*overrides):
-    cfg = load_config(default_config_path(), list(overrides))
+    cfg = load_config(GRPO, list(overrides))
     return HFBackend(cfg, "rollout", 0, 1, "cpu", None)
 
 
@@ -149,3 +152,90 @@ def test_generate_command_answers_a_prompts_file(tmp_path, capsys):
     assert "bad.jsonl:2: missing key 'prompt'" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl")]) == 2
     assert "no model there" in capsys.readouterr().err
+
+
+def trainer(role="policy", *overrides):
+    cfg = load_config(GRPO, [*overrides])
+    return HFBackend(cfg, role, 0, 1, "cpu", None)
+
+
+def test_packed_rows_give_the_padded_batch_log_probs():
+    """SFT packs a rank's sequences into one row (position ids from 0 in each, no cache): every
+    response token's log-prob equals the one from the usual left/right-padded batch, so no
+    sequence sees another."""
+    b = trainer()
+    prompts = prompts_of_mixed_lengths(7)
+    responses = [tasks.target_tokens("reverse", p) for p in prompts]
+    ids, pos, labels = packed(prompts, responses)
+    assert ids.shape == (1, sum(len(p) + len(r) for p, r in zip(prompts, responses)))
+    assert (labels != -100).sum() == sum(map(len, responses))
+    lp, _ = b._labelled_logprobs(b.model, {"input_ids": ids, "position_ids": pos, "use_cache": False}, labels,
+                                 False, 1.0)
+    batch = sequence_batch(prompts, responses)
+    expect, _ = b.logprobs(batch)
+    torch.testing.assert_close(lp[labels != -100], expect[batch["response_mask"].bool()], rtol=1e-5, atol=1e-6)
+
+
+def test_sft_loss_is_the_mean_response_token_nll():
+    b = trainer("policy", "sft.optimizer.lr=0.01")
+    b.set_optimizer("sft")
+    prompts = prompts_of_mixed_lengths(6)
+    responses = [tasks.target_tokens("reverse", p) for p in prompts]
+    batch = sequence_batch(prompts, responses)
+    lp, _ = b.logprobs(batch)
+    nll = -(lp * batch["response_mask"]).sum() / batch["response_mask"].sum()
+    first = b.train_sft({"prompts": prompts, "responses": responses}, 1)
+    assert first["sft/loss"] == pytest.approx(float(nll), rel=1e-5) and first["sft/lr"] == 0.01
+    for step in range(2, 30):
+        last = b.train_sft({"prompts": prompts, "responses": responses}, step)
+    assert last["sft/loss"] < 0.5 * first["sft/loss"]
+
+
+def test_rm_loss_is_bradley_terry_over_every_ranked_pair():
+    cfg_over = ["stages=[rm, rl]", "models.rewards={rm: {kind: model}}", "rm.optimizer.lr=0.01",
+                "placement.devices_per_node=2"]
+    b = trainer("reward:rm", *cfg_over)
+    assert b.trainable and b.optimizer is not None
+    prompts = [[tasks.BOS, *(tasks.DIGIT0 + d for d in digits), tasks.SEP] for digits in ((1, 2), (3, 4, 5), (6, 7, 8, 9), (0, 2))]
+    answers = [[tasks.target_tokens("reverse", p), tasks.target_tokens("copy", p), [tasks.EOS]] for p in prompts]
+    scores = [[1.0, 0.5, 0.0], [1.0, 1.0, 0.0], [0.2, 0.9, 0.9], [0.0, 0.0, 1.0]]
+    batch = {"query": prompts, "responses": answers, "scores": scores}
+    s = b.scores(sequence_batch([p for p in prompts for _ in range(3)], [a for group in answers for a in group]))
+    s = s.view(4, 3)
+    pairs = [(r, i, j) for r in range(4) for i in range(3) for j in range(3) if scores[r][i] > scores[r][j]]
+    assert len(pairs) == 3 + 2 + 2 + 2  # ties give no pair
+    expect = sum(-torch.nn.functional.logsigmoid(s[r, i] - s[r, j]) for r, i, j in pairs) / len(pairs)
+    out = b.train_rm(batch, 1)
+    assert out["rm/loss"] == pytest.approx(float(expect), rel=1e-5)
+    assert out["rm/accuracy"] == pytest.approx(sum(float(s[r, i] > s[r, j]) for r, i, j in pairs) / len(pairs))
+    for step in range(2, 40):
+        b.train_rm(batch, step)
+    assert b.rm_eval(batch) == {"correct": len(pairs), "pairs": len(pairs)}
+    b.freeze()
+    assert b.optimizer is None and not any(p.requires_grad for p in b.model.parameters())
+
+
+def test_lr_schedules():
+    from rlhfkern.sched.config import OptimizerConfig
+
+    f = lambda step, **kw: lr_factor(OptimizerConfig(**kw), 10, step)  # noqa: E731
+    assert [f(k) for k in (0, 5, 9, 20)] == [1.0] * 4
+    assert [f(k, warmup_steps=4) for k in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cos = [f(k, schedule="cosine", warmup_steps=1, min_lr_ratio=0.1) for k in range(11)]
+    assert cos[0] == 1.0 and cos[1] == 1.0 and cos[9] == pytest.approx(0.1) and cos[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cos[1:], cos[2:]))
+    assert f(5, schedule="linear") == pytest.approx(1 - 5 / 9)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    """Weights of another shape, or of another kind of model, are refused naming the tensors."""
+    small = trainer("policy", "models.policy.model.hf_config.hidden_size=32")
+    small.save(str(tmp_path / "small"))
+    b = trainer()
+    with pytest.raises(RuntimeError, match="size mismatch for model.embed_tokens.weight"):
+        b.load_weights(str(tmp_path / "small"))
+    value = trainer("value", "algorithm.name=ppo", "models.value={optimizer: {lr: 0.001}}", "placement.devices_per_node=2")
+    value.save(str(tmp_path / "value"))
+    with pytest.raises(ValueError, match=r"does not hold policy's weights: missing \['lm_head.weight'\], "
+                                         r"unexpected \['score.bias', 'score.weight'\]"):
+        b.load_weights(str(tmp_path / "value"))

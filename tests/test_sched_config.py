@@ -19,8 +19,11 @@ from rlhfkern.sched.loop import Engine
 SHIPPED = sorted(glob.glob(os.path.join(os.path.dirname(default_config_path()), "*.yaml")))
 
 
+GRPO = default_config_path().replace("default.yaml", "grpo_reverse.yaml")  # the rl stage alone
+
+
 def default():
-    with open(default_config_path()) as f:
+    with open(GRPO) as f:
         return yaml.safe_load(f)
 
 
@@ -54,7 +57,15 @@ CASES = [  # (key path, value, the error's key path, a piece of its message)
     ("models.rewards.reverse.function", "rlhfkern.sched.tasks:no_such", "models.rewards.reverse.function",
      "has no callable 'no_such'"),
     ("models.rewards.reverse.function", "no_such_module:f", "models.rewards.reverse.function", "cannot import"),
-    ("models.rewards.reverse.kind", "model", "models.rewards.reverse", "a model reward needs model"),
+    ("models.rewards.reverse.kind", "model", "models.rewards.reverse", "a model reward takes no function"),
+    ("stages", ["rl", "sft"], "stages", "ordered subset"),
+    ("stages", ["sft", "sft"], "stages", "ordered subset"),
+    ("stages", [], "stages", "ordered subset"),
+    ("stages", ["sft", "ppo"], "stages[1]", "'sft', 'rm' or 'rl'"),
+    ("stages", ["rm", "rl"], "rm.reward", "models.rewards has none"),
+    ("sft.wrong_fraction", 1.5, "sft.wrong_fraction", "less than or equal to 1"),
+    ("rm.eval_fraction", 1.0, "rm.eval_fraction", "less than 1"),
+    ("models.policy.optimizer.schedule", "step", "models.policy.optimizer.schedule", "'constant', 'cosine' or"),
     ("models.rewards", {}, "models.rewards", "at least 1 item"),
     ("models.policy.optimizer", DELETE, "models.policy.optimizer", "a trainer needs an optimizer"),
     ("models.reference.optimizer", {"lr": 1e-3}, "models.reference.optimizer", "not trained"),

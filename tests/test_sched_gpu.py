@@ -14,11 +14,13 @@ from rlhfkern.reshard import HFLayout, ModelSpec, ReplicatedLayout, apply, plan_
 from rlhfkern.sched.actors import HFBackend
 from rlhfkern.sched.config import default_config_path, load_config
 
+GRPO = default_config_path().replace("default.yaml", "grpo_reverse.yaml")  # the rl stage alone
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def cfg(*overrides):
-    return load_config(default_config_path(), ["placement.device=cuda", *overrides])
+    return load_config(GRPO, ["placement.device=cuda", *overrides])
 
 
 def batch_from(rollout, prompts):

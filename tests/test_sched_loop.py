@@ -17,11 +17,12 @@ from rlhfkern.sched.config import default_config_path, load_config
 from rlhfkern.sched.loop import Engine, RewardError, TrainingError
 
 SHIPPED = default_config_path().rsplit("/", 1)[0]
+GRPO = f"{SHIPPED}/grpo_reverse.yaml"  # the rl stage alone (default.yaml adds sft and rm before it)
 TIMING = ("seconds", "tokens_per_second")
 QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.plot=false"]
 
 
-def engine(tmp_path, name="default.yaml", *overrides):
+def engine(tmp_path, name="grpo_reverse.yaml", *overrides):
     cfg = load_config(f"{SHIPPED}/{name}", [f"logging.run_dir={tmp_path}", *QUIET, *overrides])
     return Engine(cfg)
 
@@ -50,9 +51,9 @@ SHORT = ["train.prompts_per_step=8", "rollout.samples_per_prompt=4", "train.mini
 
 
 def test_same_seed_same_metrics_and_colocated_equals_separate(ray_gpus, tmp_path):
-    _, first = run(tmp_path / "a", "default.yaml", 3, *SHORT)
-    _, again = run(tmp_path / "b", "default.yaml", 3, *SHORT)
-    _, separate = run(tmp_path / "c", "default.yaml", 3, *SHORT, *SEPARATE)
+    _, first = run(tmp_path / "a", "grpo_reverse.yaml", 3, *SHORT)
+    _, again = run(tmp_path / "b", "grpo_reverse.yaml", 3, *SHORT)
+    _, separate = run(tmp_path / "c", "grpo_reverse.yaml", 3, *SHORT, *SEPARATE)
     assert len(first) == 3 and first[0]["actor/loss"] != 0
     assert first == again
     assert first == separate
@@ -60,7 +61,7 @@ def test_same_seed_same_metrics_and_colocated_equals_separate(ray_gpus, tmp_path
 
 @pytest.mark.parametrize("topology", ["colocated", "separate"])
 def test_rollout_weights_equal_trainer_weights_after_each_sync(ray_gpus, tmp_path, topology):
-    e = engine(tmp_path, "default.yaml", *SHORT, *(SEPARATE if topology == "separate" else []))
+    e = engine(tmp_path, "grpo_reverse.yaml", *SHORT, *(SEPARATE if topology == "separate" else []))
     try:
         e.start()
         before = e.weights("policy")
@@ -101,12 +102,12 @@ def assert_memory_estimate_matches_actors(e):
 
 
 def test_off_policy_overlap_runs_with_one_step_stale_rollout(ray_gpus, tmp_path):
-    summary, history = run(tmp_path, "default.yaml", 3, *SHORT, *SEPARATE, "rollout.off_policy_steps=1")
+    summary, history = run(tmp_path, "grpo_reverse.yaml", 3, *SHORT, *SEPARATE, "rollout.off_policy_steps=1")
     assert [m["step"] for m in history] == [1, 2, 3]
     assert all(math.isfinite(m["actor/loss"]) for m in history)
     # step 1 samples the initial policy; each later batch was generated while the step before trained
     assert [m["rollout/policy_lag"] for m in history] == [0, 1, 1]
-    _, on_policy = run(tmp_path / "on", "default.yaml", 3, *SHORT, *SEPARATE)
+    _, on_policy = run(tmp_path / "on", "grpo_reverse.yaml", 3, *SHORT, *SEPARATE)
     assert [m["rollout/policy_lag"] for m in on_policy] == [0, 0, 0]
     assert history[0] == on_policy[0]  # the same first step
 
@@ -118,7 +119,7 @@ def test_data_parallel_trainer_equals_one_rank(ray_gpus, tmp_path):
     # in verl), so with several its composition depends on dp
     dp2 = ["models.policy.dp=2", "models.rollout.dp=2", "models.reference.dp=2", "placement.devices_per_node=2",
            "train.minibatch_sequences=32"]
-    e = engine(tmp_path, "default.yaml", *SHORT, *dp2)
+    e = engine(tmp_path, "grpo_reverse.yaml", *SHORT, *dp2)
     try:
         e.learn(2)
         ranks = [e.weights("policy", 0), e.weights("policy", 1), e.weights("rollout", 0), e.weights("rollout", 1)]
@@ -128,7 +129,7 @@ def test_data_parallel_trainer_equals_one_rank(ray_gpus, tmp_path):
     finally:
         e.shutdown()
     # the same two rollout ranks (so the same samples), one trainer rank
-    _, one = run(tmp_path / "one", "default.yaml", 1, *SHORT, "models.rollout.dp=2", "placement.devices_per_node=2",
+    _, one = run(tmp_path / "one", "grpo_reverse.yaml", 1, *SHORT, "models.rollout.dp=2", "placement.devices_per_node=2",
                  "train.minibatch_sequences=32")
     for key in ("reward", "actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/grad_norm"):
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-4, abs=1e-6), key
@@ -136,13 +137,13 @@ def test_data_parallel_trainer_equals_one_rank(ray_gpus, tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["rloo", "reinforce_pp"])
 def test_other_estimators_run(ray_gpus, tmp_path, algorithm):
-    _, history = run(tmp_path, "default.yaml", 2, *SHORT, f"algorithm.name={algorithm}")
+    _, history = run(tmp_path, "grpo_reverse.yaml", 2, *SHORT, f"algorithm.name={algorithm}")
     assert all(math.isfinite(m["actor/loss"]) and m["actor/grad_norm"] > 0 for m in history)
 
 
 def test_grpo_raises_the_held_out_metric(ray_gpus, tmp_path):
     # the copy task at lr 1e-3 (the default run's 3e-4 is for its 1000 steps): clear progress in 100
-    cfg = load_config(f"{SHIPPED}/default.yaml", [f"logging.run_dir={tmp_path}", "logging.progress=false",
+    cfg = load_config(f"{SHIPPED}/grpo_reverse.yaml", [f"logging.run_dir={tmp_path}", "logging.progress=false",
                                                   "train.eval_every_steps=50", "models.policy.optimizer.lr=1.0e-3",
                                                   *COPY])
     e = Engine(cfg)
@@ -178,7 +179,7 @@ def test_rule_reward_errors_name_the_function_and_the_batch(ray_gpus, tmp_path):
     rewards = ("models.rewards={flaky: {kind: rule, function: 'sched_rewards:flaky_reward'}, "
                "rm: {kind: model, weight: 0.5, normalize: true, model: {hf_config: {model_type: llama, vocab_size: 14, hidden_size: 32, "
                "intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, pad_token_id: 0}}}}")
-    e = engine(tmp_path, "default.yaml", *SHORT, rewards, "placement.devices_per_node=2")
+    e = engine(tmp_path, "grpo_reverse.yaml", *SHORT, rewards, "placement.devices_per_node=2")
     try:
         sched_rewards.MODE["kind"] = "raise"
         with pytest.raises(RewardError, match=r"'flaky' \(sched_rewards:flaky_reward\) at step 1, batch of 32 "
@@ -212,7 +213,7 @@ def test_shape_reward():
 
 
 def test_nan_loss_stops_the_run_with_its_step(ray_gpus, tmp_path):
-    e = engine(tmp_path, "default.yaml", *SHORT, "models.policy.optimizer.lr=1.0e+30",
+    e = engine(tmp_path, "grpo_reverse.yaml", *SHORT, "models.policy.optimizer.lr=1.0e+30",
                "models.policy.optimizer.grad_clip_norm=null")
     try:
         with pytest.raises(TrainingError, match=r"step \d+: policy loss is nan .*the update was not applied"):
@@ -230,7 +231,7 @@ def test_resume_equals_an_uninterrupted_run(ray_gpus, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     keep = [f"checkpoint.dir={ckpt}", "checkpoint.every_steps=2", "checkpoint.keep=2"]
-    e = engine(tmp_path / "a", "default.yaml", *SHORT, *keep)
+    e = engine(tmp_path / "a", "grpo_reverse.yaml", *SHORT, *keep)
     try:
         e.learn(6)
         full = [{k: v for k, v in m.items() if k not in TIMING} for m in e.history]
@@ -241,7 +242,7 @@ def test_resume_equals_an_uninterrupted_run(ray_gpus, tmp_path):
     (ckpt / "step_8.partial").mkdir()  # a save cut short: not a checkpoint
     assert checkpoints(str(ckpt))[-1].endswith("step_6")
 
-    r = engine(tmp_path / "b", "default.yaml", *SHORT)
+    r = engine(tmp_path / "b", "grpo_reverse.yaml", *SHORT)
     try:
         import ray
 
@@ -261,7 +262,7 @@ def test_resume_equals_an_uninterrupted_run(ray_gpus, tmp_path):
     finally:
         r.shutdown()
 
-    other = engine(tmp_path / "c", "default.yaml", *SHORT, "models.policy.dp=2", "placement.devices_per_node=2")
+    other = engine(tmp_path / "c", "grpo_reverse.yaml", *SHORT, "models.policy.dp=2", "placement.devices_per_node=2")
     try:
         with pytest.raises(ValueError, match="layout"):
             other.resume(str(ckpt / "step_4"))
@@ -273,11 +274,11 @@ def test_cli_resume_continues_to_train_steps(ray_gpus, tmp_path, capsys):
     from rlhfkern.sched import cli
 
     args = [f"logging.run_dir={tmp_path}", *QUIET, *SHORT, "checkpoint.every_steps=2"]
-    assert cli.main("train", default_config_path(), [*args, "train.steps=2"], resume=True) == 2  # nothing to resume
+    assert cli.main("train", GRPO, [*args, "train.steps=2"], resume=True) == 2  # nothing to resume
     assert "no checkpoint" in capsys.readouterr().err
-    assert cli.main("train", default_config_path(), [*args, "train.steps=2"]) == 0
-    assert cli.main("train", default_config_path(), [*args, "train.steps=3"], resume=True) == 0
-    assert "resumed from" in capsys.readouterr().out
+    assert cli.main("train", GRPO, [*args, "train.steps=2"]) == 0
+    assert cli.main("train", GRPO, [*args, "train.steps=3"], resume=True) == 0
+    assert "resuming from" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if "reward" in json.loads(line)]
     assert steps == [1, 2, 3]  # the resumed run appended step 3
@@ -290,10 +291,10 @@ def test_a_killed_worker_costs_the_step_in_progress(ray_gpus, tmp_path):
     metrics equal an uninterrupted run's, and the log says what happened."""
     import ray
 
-    _, clean = run(tmp_path / "clean", "default.yaml", 4, *SHORT, *COPY)
+    _, clean = run(tmp_path / "clean", "grpo_reverse.yaml", 4, *SHORT, *COPY)
     kill = ["models.rewards={copy: {kind: rule, function: 'sched_rewards:killing_reward'}}",
             "checkpoint.every_steps=1", "data.task=copy"]
-    e = engine(tmp_path / "killed", "default.yaml", *SHORT, *kill)
+    e = engine(tmp_path / "killed", "grpo_reverse.yaml", *SHORT, *kill)
     try:
         e.start()
         sched_rewards.KILL.update(at_call=4, calls=0, pid=ray.get(e.workers[0].info.remote())["pid"])

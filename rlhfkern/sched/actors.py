@@ -23,6 +23,8 @@ response_mask [B, R], and per-token fields [B, R] (old_log_prob, ref_log_prob, a
 values, returns) as the phase needs them.
 """
 
+import functools
+import math
 import os
 
 import numpy as np
@@ -102,6 +104,50 @@ def left_padded(prompts):
     ids = torch.tensor([[tasks.PAD] * (P - len(p)) + list(p) for p in prompts], dtype=torch.int64)
     am = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], dtype=torch.int64)
     return ids, am
+
+
+def right_padded(responses):
+    """Token-id lists -> (ids [B, R] right-padded with PAD, their mask [B, R])."""
+    R = max(map(len, responses))
+    ids = torch.tensor([list(r) + [tasks.PAD] * (R - len(r)) for r in responses], dtype=torch.int64)
+    mask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in responses], dtype=torch.int64)
+    return ids, mask
+
+
+def sequence_batch(prompts, responses, response_mask=None):
+    """The batch of prompt + response sequences every forward pass takes: the prompts (id lists)
+    left-padded, then the responses (id lists, or a right-padded tensor with its mask)."""
+    if response_mask is None:
+        responses, response_mask = right_padded(responses)
+    ids, am = left_padded(prompts)
+    return {"input_ids": torch.cat([ids, responses], 1), "attention_mask": torch.cat([am, response_mask], 1),
+            "response_mask": response_mask}
+
+
+def packed(prompts, responses):
+    """Sequences prompt + response (id lists) in one row, no padding: ids [1, T], position_ids
+    [1, T] (from 0 in each sequence, from which transformers masks attention to within each
+    sequence), labels [1, T - 1] (position t's label: token t + 1 when it is a response token,
+    else -100)."""
+    ids, pos, lab = [], [], []
+    for p, r in zip(prompts, responses):
+        ids += [*p, *r]
+        pos += range(len(p) + len(r))
+        lab += [-100] * len(p) + list(r)
+    return torch.tensor([ids]), torch.tensor([pos]), torch.tensor([lab[1:]])
+
+
+def lr_factor(opt, total_steps, step):
+    """The learning-rate multiplier at optimizer step `step` (from 0) of `total_steps`: (step +
+    1) / warmup_steps during the warmup, then 1 (constant) or a cosine / linear decay from 1 to
+    min_lr_ratio at the last step."""
+    if step < opt.warmup_steps:
+        return (step + 1) / opt.warmup_steps
+    if opt.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - opt.warmup_steps) / max(1, total_steps - 1 - opt.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if opt.schedule == "cosine" else 1 - progress
+    return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * decay
 
 
 def sample_tokens(logits, temperature, top_p, generator=None):
@@ -184,21 +230,48 @@ class HFBackend:
         mc = cfg.model(name)
         self.model = build_model(cfg, name, cfg.train.seed, device=self.device)
         self.hf_config = self.model.config
-        self.trainable = self.role in ("policy", "value")
+        # the policy and value train in the RL stage; the reward model the rm stage trains, until frozen
+        self.trainable = self.role in ("policy", "value") or ("rm" in cfg.stages and name == f"reward:{cfg.rm_reward()}")
         self.model.train(False)
+        self.optimizer = self.scheduler = None
         if self.trainable:
             for m in self.model.modules():  # PPO wants the sampling distribution: no dropout noise
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
-            o = mc.optimizer
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                               weight_decay=o.weight_decay, fused=True)  # one kernel (CPU, CUDA)
+            self.set_optimizer("rm" if self.role == "reward" else "rl")
             self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, process_group=group)
                         if world > 1 else self.model)
         else:
-            self.model.requires_grad_(False)
-            self.optimizer = None
+            self.freeze()
         self.offloaded = False
+
+    def set_optimizer(self, stage):
+        """A fresh AdamW and LR schedule with the `stage`'s settings (sft, rm: their sections; rl:
+        the model's optimizer), sized to its optimizer steps."""
+        c = self.cfg
+        if stage == "sft":
+            opt, total = c.sft.optimizer, c.sft.steps
+        elif stage == "rm":
+            opt, total = c.rm.optimizer, c.rm.steps
+        else:
+            opt = c.model(self.name).optimizer
+            per_step = c.train.prompts_per_step * c.rollout.samples_per_prompt // c.train.minibatch_sequences
+            total = c.train.steps * c.train.ppo_epochs * per_step
+        self.opt_cfg = opt
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                           weight_decay=opt.weight_decay, fused=True)  # one kernel (CPU, CUDA)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_factor, opt, total))
+        return True
+
+    def freeze(self):
+        """No more training: no gradients, no optimizer (a reward model after the rm stage)."""
+        self.model.requires_grad_(False)
+        for p in self.model.parameters():
+            p.grad = None
+        self.optimizer = self.scheduler = None
+        self.ddp = self.model
+        self.trainable = False
+        return True
 
     # ---------------------------------------------------------------------------- forward passes
     def _inputs(self, batch):
@@ -207,23 +280,27 @@ class HFBackend:
         return ids, am, position_ids(am)
 
     def _token_logprobs(self, module, batch, with_entropy):
-        """Log-probs (and entropy) of the response tokens at the rollout temperature: through
-        rlhfkern.linear_logprobs (the [tokens, vocab] logits never exist) when those logits would
-        exceed LOGITS_BUDGET_BYTES in fp32, else rlhfkern.logprobs on the logits (faster for a
-        small vocabulary)."""
+        """Log-probs (and entropy) of the response tokens at the rollout temperature."""
         ids, am, pos = self._inputs(batch)
         R = batch["response_mask"].shape[1]
         labels = torch.where(batch["response_mask"].to(self.device).bool(), ids[:, -R:], -100)
+        return self._labelled_logprobs(module, {"input_ids": ids, "attention_mask": am, "position_ids": pos}, labels,
+                                       with_entropy, self.cfg.rollout.temperature)
+
+    def _labelled_logprobs(self, module, inputs, labels, with_entropy, temperature):
+        """log p(token t | tokens < t) (and the entropy there) for the last K tokens of each row,
+        labels [B, K] (-100: not wanted, 0 out): through rlhfkern.linear_logprobs (the [tokens,
+        vocab] logits never exist) when those logits would exceed LOGITS_BUDGET_BYTES in fp32, else
+        rlhfkern.logprobs on the logits (faster for a small vocabulary)."""
+        K = labels.shape[1]
         head = self.model.get_output_embeddings()
-        T = self.cfg.rollout.temperature
         if labels.numel() * head.weight.shape[0] * 4 > LOGITS_BUDGET_BYTES and head.bias is None:
-            hidden = module(input_ids=ids, attention_mask=am, position_ids=pos, output_hidden_states=True,
-                            logits_to_keep=1).hidden_states[-1][:, -R - 1:-1]
-            out = rlhfkern.linear_logprobs(hidden, head.weight, labels, temperature=T, return_entropy=with_entropy)
+            hidden = module(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, -K - 1:-1]
+            out = rlhfkern.linear_logprobs(hidden, head.weight, labels, temperature=temperature,
+                                           return_entropy=with_entropy)
         else:
-            logits = module(input_ids=ids, attention_mask=am, position_ids=pos,
-                            logits_to_keep=R + 1).logits[:, :-1]
-            out = rlhfkern.logprobs(logits.float(), labels, temperature=T, return_entropy=with_entropy)
+            logits = module(**inputs, logits_to_keep=K + 1).logits[:, :-1]
+            out = rlhfkern.logprobs(logits.float(), labels, temperature=temperature, return_entropy=with_entropy)
         return out if with_entropy else (out, None)
 
     @torch.no_grad()
@@ -241,10 +318,14 @@ class HFBackend:
     def values(self, batch):
         return self._values(self.model, batch).cpu()
 
+    def _scores(self, module, batch):
+        """A reward model's score of each sequence: its scalar head at the last non-PAD token."""
+        ids, am, pos = self._inputs(batch)
+        return module(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, 0].float()
+
     @torch.no_grad()
     def scores(self, batch):
-        ids, am, pos = self._inputs(batch)
-        return self.model(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, 0].float().cpu()
+        return self._scores(self.model, batch).cpu()
 
     def generate(self, prompts, seed, greedy=False):
         """`decode` with this model at the rollout's max_new_tokens, temperature and top-p (or
@@ -271,16 +352,61 @@ class HFBackend:
                                 f"the update was not applied")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip = self.cfg.model(self.name).optimizer.grad_clip_norm
+        clip = self.opt_cfg.grad_clip_norm
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
         self.optimizer.step()
+        self.scheduler.step()
         return norm
 
     def _global_tokens(self, mb):
-        n = mb["response_mask"].sum().to(torch.float64)
+        return self._global_count(mb["response_mask"].sum())
+
+    def _global_count(self, n):
+        """A count summed over the dp ranks."""
+        n = torch.as_tensor(n, dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(n, group=self.group)
         return float(n)
+
+    def train_sft(self, batch, step):
+        """One optimizer step of supervised fine-tuning on this rank's sequences (batch: "prompts",
+        "responses", id lists), packed into one row: loss = -sum log p(response tokens) / (their
+        number over all dp ranks), at temperature 1."""
+        ids, pos, labels = (t.to(self.device) for t in packed(batch["prompts"], batch["responses"]))
+        inputs = {"input_ids": ids, "position_ids": pos, "use_cache": False}  # no cache: transformers masks per sequence
+        lp, _ = self._labelled_logprobs(self.ddp, inputs, labels, False, 1.0)
+        n = self._global_count((labels != -100).sum())
+        loss = -lp.sum() / n * self.world  # DDP averages the ranks' gradients
+        norm = self._step(loss, step, 0, 0)
+        return {"sft/loss": loss.item(), "sft/grad_norm": norm.item(), "sft/lr": self.scheduler.get_last_lr()[0]}
+
+    def _rm_pairs(self, module, batch):
+        """The records' (batch: "query" ids, "responses" id lists, "scores") scores and their
+        (better, worse) pairs, sequence indices [P, 2]."""
+        prompts, responses, pairs = [], [], []
+        for query, answers, scores in zip(batch["query"], batch["responses"], batch["scores"]):
+            base = len(prompts)
+            prompts += [query] * len(answers)
+            responses += answers
+            pairs += [(base + i, base + j) for i, si in enumerate(scores) for j, sj in enumerate(scores) if si > sj]
+        s = self._scores(module, {k: v.to(self.device) for k, v in sequence_batch(prompts, responses).items()})
+        pairs = torch.tensor(pairs, dtype=torch.int64, device=self.device).view(-1, 2)
+        return s[pairs[:, 0]], s[pairs[:, 1]]
+
+    def train_rm(self, batch, step):
+        """One optimizer step of the reward model: the Bradley-Terry loss -log sigmoid(s_better -
+        s_worse), averaged over every ranked pair of the step's records (all dp ranks)."""
+        better, worse = self._rm_pairs(self.ddp, batch)
+        loss = -torch.nn.functional.logsigmoid(better - worse).sum() / self._global_count(len(better)) * self.world
+        norm = self._step(loss, step, 0, 0)
+        return {"rm/loss": loss.item(), "rm/accuracy": float((better > worse).float().mean()),
+                "rm/grad_norm": norm.item(), "rm/lr": self.scheduler.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def rm_eval(self, batch):
+        """Pairwise accuracy counts on held-out records: {"correct", "pairs"} (the loop divides)."""
+        better, worse = self._rm_pairs(self.model, batch)
+        return {"correct": float((better > worse).sum()), "pairs": float(len(better))}
 
     def train_policy(self, batch, step, minibatch, epochs):
         """PPO epochs over minibatches. The old log-probs (the policy before this update) are
@@ -312,7 +438,7 @@ class HFBackend:
             norm = self._step(loss, step, epoch, k)
             _accumulate(sums, {"loss": loss, "grad_norm": norm, **metrics,
                                "entropy": (ent.detach() * mask).sum() / mask.sum().clamp(min=1)})
-        return {f"actor/{k}": v for k, v in _means(sums).items()}
+        return {f"actor/{k}": v for k, v in _means(sums).items()} | {"actor/lr": self.scheduler.get_last_lr()[0]}
 
     def train_value(self, batch, step, minibatch, epochs):
         a = self.cfg.algorithm
@@ -326,7 +452,7 @@ class HFBackend:
                                                  global_batch_size=minibatch * self.world)
             norm = self._step(loss, step, epoch, k)
             _accumulate(sums, {"loss": loss, "clipfrac": clipfrac, "grad_norm": norm})
-        return {f"critic/{k}": v for k, v in _means(sums).items()}
+        return {f"critic/{k}": v for k, v in _means(sums).items()} | {"critic/lr": self.scheduler.get_last_lr()[0]}
 
     # ---------------------------------------------------------------------------- weights
     def named_tensors(self):
@@ -354,24 +480,39 @@ class HFBackend:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def save(self, path):
+    def save(self, path, optimizer=True):
+        """The model as an HF folder at `path` and, with `optimizer`, the optimizer and LR-schedule
+        state (optimizer.pt)."""
         os.makedirs(path, exist_ok=True)
         self.model.save_pretrained(path)
-        if self.optimizer is not None:
-            torch.save(self.optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+        if optimizer and self.optimizer is not None:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       os.path.join(path, "optimizer.pt"))
+        return True
 
-    def load(self, path):
+    def load_weights(self, path, missing_ok=()):
+        """The weights of the HF folder `path` (a saved model of the same architecture); names in
+        `missing_ok` may be absent (keep their values: a value head's bias from a reward model
+        without one)."""
         from safetensors.torch import load_file
 
         state = load_file(os.path.join(path, "model.safetensors"), device=str(self.device))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if getattr(self.hf_config, "tie_word_embeddings", False) else set()
-        if unexpected or set(missing) - tied:  # save_pretrained leaves out tied weights only
-            raise ValueError(f"{path} does not hold {self.name}'s weights: missing {sorted(set(missing) - tied)}, "
-                             f"unexpected {sorted(unexpected)}")
+        if unexpected or set(missing) - tied - set(missing_ok):  # save_pretrained leaves out tied weights only
+            raise ValueError(f"{path} does not hold {self.name}'s weights: missing "
+                             f"{sorted(set(missing) - tied - set(missing_ok))}, unexpected {sorted(unexpected)}")
+        return True
+
+    def load(self, path):
+        """A checkpoint's rank folder: the weights, then the optimizer and LR-schedule state."""
+        self.load_weights(path)
         opt = os.path.join(path, "optimizer.pt")
         if self.optimizer is not None and os.path.exists(opt):
-            self.optimizer.load_state_dict(torch.load(opt, map_location=self.device))
+            state = torch.load(opt, map_location=self.device)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        return True
 
     def memory_bytes(self):
         """Bytes of the actual tensors: weights, gradients, optimizer state."""
@@ -392,8 +533,11 @@ class ModelWorker:
     the engine with ray.remote(...); every call names the model it is for."""
 
     def __init__(self, cfg, models, rank, device, threads):
+        import transformers
+
         if device == "cpu":
             torch.set_num_threads(threads)
+        transformers.utils.logging.disable_progress_bar()  # no bar per saved model in the run's output
         self.cfg, self.models, self.rank, self.device = cfg, tuple(models), rank, device
         self.backends = {}
         self.groups = {}

@@ -23,17 +23,14 @@ def main(command, config_path=None, overrides=(), resume=False):
 
         engine = Engine(cfg)
         try:
-            steps = None
             if resume:
                 latest = engine.latest_checkpoint()
-                if latest is None:
+                stages = [s for s in cfg.stages if os.path.exists(os.path.join(cfg.checkpoint_dir(), s, "stage.json"))]
+                if latest is None and not stages:
                     print(f"--resume: no checkpoint in {cfg.checkpoint_dir()}", file=sys.stderr)
                     return 2
-                engine.resume(latest)
-                steps = cfg.train.steps - engine.step
-                print(f"resumed from {latest} (step {engine.step}); {max(steps, 0)} steps to go", flush=True)
-            if steps is None or steps > 0:
-                engine.learn(steps)
+                print(f"resuming from {latest or 'the finished stages ' + ', '.join(stages)}", flush=True)
+            engine.run(resume=resume)
         finally:
             engine.shutdown()
     except ConfigError as e:
@@ -63,30 +60,22 @@ def generate(checkpoint, prompts_path, out=None, max_new_tokens=16, temperature=
     import torch
     import transformers
 
-    from . import tasks
     from .actors import decode
-    from .data import read_jsonl
+    from .data import TextCodec, read_jsonl
 
     records = read_jsonl(prompts_path, "rl")  # every line checked before the model loads
     folder = model_folder(checkpoint)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
-    if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
-        tok = transformers.AutoTokenizer.from_pretrained(folder)
-        encode, to_text = tok.encode, lambda ids: tok.decode(ids, skip_special_tokens=True)
-    elif model.config.vocab_size == tasks.VOCAB_SIZE:
-        encode, to_text = tasks.encode, tasks.decode
-    else:
-        raise ValueError(f"{folder}: no tokenizer files, and a vocabulary of {model.config.vocab_size} "
-                         f"is not the digit tasks' {tasks.VOCAB_SIZE}")
+    codec = TextCodec(folder, model.config.vocab_size, model.config.eos_token_id)
     sink = open(out, "w") if out else sys.stdout
     try:
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
-            resp, mask, _ = decode(model, [encode(r.prompt) for r in batch], max_new_tokens, temperature, top_p,
+            resp, mask, _ = decode(model, [codec.prompt(r.prompt) for r in batch], max_new_tokens, temperature, top_p,
                                    seed + start)
             for r, ids, m in zip(batch, resp, mask):
-                sink.write(json.dumps({"prompt": r.prompt, "response": to_text(ids[:int(m.sum())].tolist())}) + "\n")
+                sink.write(json.dumps({"prompt": r.prompt, "response": codec.text(ids[:int(m.sum())].tolist())}) + "\n")
     finally:
         if out:
             sink.close()

@@ -56,19 +56,27 @@ class ModelSource(_Strict):
 
 
 class OptimizerConfig(_Strict):
+    """AdamW and its learning-rate schedule, stepped once per optimizer step: linear warmup from
+    0 over `warmup_steps`, then constant, or cosine / linear decay to `min_lr_ratio` * lr at the
+    stage's last optimizer step."""
+
     name: Literal["adamw"] = "adamw"
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     grad_clip_norm: PositiveFloat | None = Field(1.0, description="max global L2 norm of the gradients; null: no clip")
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: NonNegativeInt = Field(0, description="optimizer steps of linear warmup")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear: the final lr as a fraction of lr")
 
 
 class _Placed(_Strict):
     """What every device-holding model has: its source, backend and parallel shape
     (devices = tp * pp * dp)."""
 
-    model: ModelSource | None = Field(None, description="null for rollout/reference/value: the policy's source")
+    model: ModelSource | None = Field(None, description="null for rollout/reference/value/reward models: the "
+                                      "policy's source")
     backend: Literal["hf"] = Field("hf", description="hf: transformers model, torch DDP over dp")
     tp: PositiveInt = 1
     pp: PositiveInt = 1
@@ -104,8 +112,8 @@ class RewardConfig(_Placed):
     def _kind(self):
         if self.kind == "rule" and (self.function is None or self.model is not None):
             raise ValueError("a rule reward needs function: 'module:function' and no model")
-        if self.kind == "model" and (self.model is None or self.function is not None):
-            raise ValueError("a model reward needs model: {path: ...} (or hf_config) and no function")
+        if self.kind == "model" and self.function is not None:
+            raise ValueError("a model reward takes no function")
         return self
 
 
@@ -143,6 +151,9 @@ class AlgorithmConfig(_Strict):
     kl_coef: NonNegativeFloat = Field(0.0, description="KL-to-reference loss coefficient")
     entropy_coeff: float = 0.0
     whiten_advantages: bool = Field(True, description="ppo: masked whitening of the GAE advantages")
+    missing_eos_penalty: NonNegativeFloat | None = Field(None, description="subtracted from the reward of a response "
+                                                         "cut off at max_new_tokens before its EOS (as TRL's); "
+                                                         "null: none")
     norm_adv_by_std: bool = Field(True, description="grpo: divide by the group's std")
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
                       "token-sum"] = "token-mean"
@@ -167,11 +178,16 @@ class TrainConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """The task (its held-out set and exact metric) and the RL prompts; the sft and rm stages'
+    files are in their own sections."""
+
     task: Literal["copy", "reverse"] = "copy"
     min_digits: PositiveInt = 3
     max_digits: PositiveInt = 3
     eval_prompts: PositiveInt = 200
     seed: int = Field(0, description="fixes the held-out set")
+    prompts: str | None = Field(None, description="an RL JSON Lines file ({\"prompt\": str} a line) the training "
+                                "prompts are drawn from; null: sampled from the task")
 
     @pydantic.model_validator(mode="after")
     def _digits(self):
@@ -193,7 +209,48 @@ class CheckpointConfig(_Strict):
     keep: PositiveInt | None = Field(None, description="how many of the newest checkpoints to keep; null: all")
 
 
+class SFTConfig(_Strict):
+    """The supervised fine-tuning stage: the policy learns the responses of an SFT file (loss on
+    the response tokens only; each rank packs its sequences into one row, no padding)."""
+
+    data: str | None = Field(None, description="an SFT JSON Lines file; null: demonstrations generated from the "
+                             "task, a `wrong_fraction` of them wrong (written to <run_dir>/data/sft.jsonl)")
+    records: PositiveInt = Field(2000, description="generated demonstrations (data: null)")
+    wrong_fraction: float = Field(0.5, ge=0, le=1, description="generated demonstrations that give the other "
+                                  "task's answer (the digits in prompt order for reverse)")
+    steps: PositiveInt = 100
+    batch_sequences: PositiveInt = Field(64, description="sequences per optimizer step (over all dp ranks)")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    init: str | None = Field(None, description="a saved causal LM (an HF folder, or a checkpoint step folder: its "
+                             "policy) the stage starts from; null: the policy as models.policy makes it")
+
+
+class RMConfig(_Strict):
+    """The reward-model stage: a model reward (a scalar head on the LM) learns the rankings of an
+    RM file with the pairwise (Bradley-Terry) loss -log sigmoid(s_better - s_worse) over every
+    pair of a record's responses with different scores; pairwise accuracy on held-out records."""
+
+    reward: str | None = Field(None, description="the model reward it trains (models.rewards.<name>); null: "
+                               "the only one of kind model")
+    data: str | None = Field(None, description="an RM JSON Lines file; null: ranked responses generated from the "
+                             "task, scored by its rule (written to <run_dir>/data/rm.jsonl)")
+    records: PositiveInt = Field(600, description="generated records (data: null)")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="the last records held out for the accuracy")
+    steps: PositiveInt = 100
+    batch_records: PositiveInt = Field(32, description="records per optimizer step (over all dp ranks)")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    init: str | None = Field(None, description="a saved reward model (HF folder) the stage starts from")
+    init_value: bool = Field(True, description="the value model (ppo) starts from the trained reward model")
+
+
+STAGES = ("sft", "rm", "rl")
+
+
 class EngineConfig(_Strict):
+    stages: list[Literal["sft", "rm", "rl"]] = Field(["rl"], description="run in this order; each stage's "
+                                                     "model feeds the next")
+    sft: SFTConfig = SFTConfig()
+    rm: RMConfig = RMConfig()
     models: ModelsConfig
     placement: PlacementConfig = PlacementConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
@@ -229,12 +286,28 @@ class EngineConfig(_Strict):
     def hf_config(self, name):
         return self.source(name).hf()
 
+    def rm_reward(self):
+        """The name of the model reward the rm stage trains (rm.reward, else the only model reward)."""
+        if self.rm.reward is not None:
+            return self.rm.reward
+        found = [n for n, r in self.models.rewards.items() if r.kind == "model"]
+        return found[0] if len(found) == 1 else None
+
     # --- cross-field checks ---------------------------------------------------------------------
     def check(self, available_devices=None):
         """Every cross-field problem at once, as ConfigError; `available_devices` (when known) is
         the number of devices present (Ray GPUs)."""
         problems = []
         a, m = self.algorithm, self.models
+        if not self.stages or len(set(self.stages)) != len(self.stages) or \
+                self.stages != sorted(self.stages, key=STAGES.index):
+            problems.append(("stages", f"a non-empty ordered subset of {list(STAGES)}, got {self.stages}"))
+        if "rm" in self.stages:
+            name = self.rm_reward()
+            if name is None or name not in m.rewards or m.rewards[name].kind != "model":
+                found = [n for n, r in m.rewards.items() if r.kind == "model"]
+                problems.append(("rm.reward", f"the rm stage trains a model reward: name one of {found}"
+                                 if found else "the rm stage trains a model reward: models.rewards has none"))
         if m.policy.model is None:
             problems.append(("models.policy.model", "the policy needs a model source (hf_config or path)"))
         if a.name in ALGORITHMS_WITH_VALUE and m.value is None:

@@ -114,3 +114,36 @@ def write_jsonl(path, records):
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r.model_dump() if isinstance(r, BaseModel) else r) + "\n")
+
+
+class TextCodec:
+    """Text <-> token ids for the pipeline's files and `rlhfkern generate`: a model folder's own
+    tokenizer when it has one, else the digit tasks' symbols (tasks.SYMBOLS; only for a model of
+    their vocabulary). A prompt gets the tokenizer's special tokens (BOS); a response none, and
+    ends with EOS (appended unless the text has it) so that a trained model learns to stop."""
+
+    def __init__(self, folder, vocab_size, eos_id):
+        import os
+
+        from . import tasks
+
+        self.eos = eos_id
+        if folder is not None and os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+            import transformers
+
+            tok = transformers.AutoTokenizer.from_pretrained(folder)
+            self._prompt = tok.encode
+            self._response = lambda text: tok.encode(text, add_special_tokens=False)
+            self.text = lambda ids: tok.decode(ids, skip_special_tokens=True)
+        elif vocab_size == tasks.VOCAB_SIZE:
+            self._prompt, self._response, self.text = tasks.encode, lambda t: tasks.encode(t, bos=False), tasks.decode
+        else:
+            raise ValueError(f"{folder or 'the model'}: no tokenizer files, and a vocabulary of {vocab_size} "
+                             f"is not the digit tasks' {tasks.VOCAB_SIZE}")
+
+    def prompt(self, text):
+        return list(self._prompt(text))
+
+    def response(self, text):
+        ids = list(self._response(text))
+        return ids if ids[-1:] == [self.eos] else ids + [self.eos]

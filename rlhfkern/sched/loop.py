@@ -31,12 +31,13 @@ import torch
 import rlhfkern
 
 from . import tasks
-from .actors import ModelWorker, NonFiniteLoss, from_wire, left_padded, to_wire
+from .data import TextCodec, read_jsonl, write_jsonl
+from .actors import ModelWorker, NonFiniteLoss, from_wire, sequence_batch, to_wire
 from .config import EngineConfig, load_callable, load_config
 from .memory import check_memory, estimate, resolve_device
 from .placement import Placement
 
-PHASES = ("generate", "reward", "logprobs", "values", "advantages", "train", "sync", "eval")
+PHASES = ("sft", "rm", "generate", "reward", "logprobs", "values", "advantages", "train", "sync", "eval")
 
 
 class RewardError(RuntimeError):
@@ -130,6 +131,50 @@ class Engine:
         self.old_log_prob_from_rollout = rollout.backend == policy.backend == "hf" and rollout.dtype == policy.dtype
         self.history = []
         self.phase_seconds = {p: 0.0 for p in PHASES}
+        self.stage_outputs = {}  # finished stage -> its model's folder (what feeds the next stages)
+        self.stage_metrics = {}  # finished stage -> its closing metrics
+        self.eos_id = c.hf_config("policy").eos_token_id
+        self.data = self._read_data()  # every file checked before anything trains
+
+    # ------------------------------------------------------------------------------ data
+    def codec(self):
+        """Text <-> ids for the data files: the policy folder's tokenizer, else the digit symbols."""
+        hf = self.cfg.hf_config("policy")
+        return TextCodec(self.cfg.source("policy").path, hf.vocab_size, self.eos_id)
+
+    def _read_data(self):
+        """The stages' records as token ids: sft [(prompt, response)], rm (train, held-out)
+        [(query, [responses], [scores])], rl prompts (data.prompts) or None. A stage without a file
+        gets one generated from the task (in <run_dir>/data/, read back like any file)."""
+        c, out = self.cfg, {"rl": None}
+        if "sft" in c.stages or "rm" in c.stages or c.data.prompts:
+            codec = self.codec()
+        for stage in ("sft", "rm"):
+            if stage not in c.stages:
+                continue
+            sc = getattr(c, stage)
+            path = sc.data
+            if path is None:
+                rng = random.Random(c.data.seed * 1000 + (1 if stage == "sft" else 2))
+                made = (tasks.sft_records(self.task, sc.records, sc.wrong_fraction, rng) if stage == "sft"
+                        else tasks.rm_records(self.task, sc.records, rng))
+                path = os.path.join(c.logging.run_dir, "data", f"{stage}.jsonl")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_jsonl(path, made)
+            records = read_jsonl(path, stage)
+            if stage == "sft":
+                out["sft"] = [(codec.prompt(r.query), codec.response(r.response)) for r in records]
+            else:
+                coded = [(codec.prompt(r.query), [codec.response(x) for x in r.response], list(r.score))
+                         for r in records]
+                held = max(1, round(len(coded) * c.rm.eval_fraction))
+                if held >= len(coded):
+                    raise ValueError(f"{path}: {len(coded)} record(s) leave none to train on after holding out "
+                                     f"rm.eval_fraction={c.rm.eval_fraction}")
+                out["rm"] = (coded[:-held], coded[-held:])
+        if c.data.prompts:
+            out["rl"] = [codec.prompt(r.prompt) for r in read_jsonl(c.data.prompts, "rl")]
+        return out
 
     def _initial_state(self):
         """The run's state before step 1 (the seed decides it): at construction, and after a lost
@@ -251,7 +296,10 @@ class Engine:
 
     def _prompts(self):
         c = self.cfg
-        prompts = self.task.train_prompts(c.train.prompts_per_step, self.rng)
+        if self.data["rl"] is not None:
+            prompts = [self.rng.choice(self.data["rl"]) for _ in range(c.train.prompts_per_step)]
+        else:
+            prompts = self.task.train_prompts(c.train.prompts_per_step, self.rng)
         G = c.rollout.samples_per_prompt
         return [p for p in prompts for _ in range(G)]
 
@@ -292,6 +340,9 @@ class Engine:
                 raise RewardError(f"{where} returned a non-finite value")
             parts[name] = out  # logged as it came
             total += rc.weight * shape_reward(out, rc.normalize, rc.clip)
+        penalty = self.cfg.algorithm.missing_eos_penalty
+        if penalty:
+            total -= penalty * (~((responses == self.eos_id) & mask.bool()).any(1)).float()
         return total, parts
 
     def _advantages(self, batch, scores):
@@ -333,10 +384,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------ one step
     def _make_batch(self, prompts, responses, mask):
-        ids, am = left_padded(prompts)
         G = self.cfg.rollout.samples_per_prompt
-        return {"input_ids": torch.cat([ids, responses], 1), "attention_mask": torch.cat([am, mask], 1),
-                "response_mask": mask, "index": torch.arange(len(prompts)) // G}
+        return {**sequence_batch(prompts, responses, mask), "index": torch.arange(len(prompts)) // G}
 
     def train_step(self, prompts, pending=None):
         """One step on `prompts`; returns its metrics. `pending`: the batch already being
@@ -381,11 +430,129 @@ class Engine:
                         "tokens_per_second": tokens / seconds})
         return metrics
 
+    # ------------------------------------------------------------------------------ the pipeline
+    def run(self, resume=False):
+        """The configured stages in order (sft -> rm -> rl), each stage's model feeding the next
+        (the SFT model becomes the policy and the reference, the reward model scores the rollouts
+        and starts the value model); the held-out metric after each. With `resume`, the newest RL
+        checkpoint (else the finished stages' saved models) is taken up and only what is left
+        runs. Returns the summary (learn()'s, with "stages")."""
+        from .report import RunLog
+
+        c = self.cfg
+        if self.workers is None:
+            self.start()
+        latest = self.latest_checkpoint() if resume else None
+        if latest:
+            self.resume(latest)
+        todo = max(c.train.steps - self.step, 0) if "rl" in c.stages else 0
+        log = RunLog(c, todo, append=resume)
+        try:
+            for stage in c.stages:
+                path = os.path.join(c.checkpoint_dir(), stage)
+                if stage == "rl":
+                    return self.learn(todo, log) if todo else {"stages": self.stage_metrics}
+                if stage in self.stage_outputs:
+                    continue  # taken up with the RL checkpoint
+                if resume and os.path.exists(os.path.join(path, "stage.json")):
+                    with open(os.path.join(path, "stage.json")) as f:
+                        self.stage_metrics[stage] = json.load(f)["metrics"]
+                    self._use_stage(stage, path)
+                    log.event(0, f"{stage}: taken from {path}")
+                    continue
+                getattr(self, f"_{stage}_stage")(log)
+            summary = {"stages": self.stage_metrics}
+            log.finish(summary)
+            return summary
+        finally:
+            log.close()
+
+    def _stage_steps(self, stage, model, records, make_batch, log):
+        """`stage`'s optimizer steps on `model` (sft, rm): each a batch of records drawn at
+        random (with a generator of its own), split over the model's ranks; returns the last
+        step's metrics."""
+        sc = getattr(self.cfg, stage)
+        size = sc.batch_sequences if stage == "sft" else sc.batch_records
+        rng = random.Random(self.cfg.train.seed * 7919 + (1 if stage == "sft" else 2))
+        ranks = self._ranks(model)
+        if sc.init:
+            from .cli import model_folder
+
+            ray.get([r.call("load_weights", model_folder(sc.init)) for r in ranks])
+        ray.get([r.call("set_optimizer", stage) for r in ranks])
+        metrics = {}
+        for k in range(1, sc.steps + 1):
+            picked = [records[i] for i in rng.sample(range(len(records)), min(size, len(records)))]
+            with self._phase(stage, {model}):
+                metrics = self._gather(self._scatter(model, f"train_{stage}", make_batch(picked), k))
+            if k % 10 == 0 or k == sc.steps:
+                log.stage(stage, k, sc.steps, metrics)
+        return metrics
+
+    def _sft_stage(self, log):
+        """Supervised fine-tuning of the policy; then it (and the reference) hold the SFT model."""
+        metrics = self._stage_steps("sft", "policy", self.data["sft"],
+                                    lambda rs: {"prompts": [p for p, _ in rs], "responses": [r for _, r in rs]}, log)
+        ray.get([r.call("set_optimizer", "rl") for r in self._ranks("policy")])  # RL starts afresh
+        self._sync(self.step)
+        self.evaluate()  # (its reward is left out: a reward model may not be trained yet)
+        self._finish_stage("sft", "policy", {**metrics, "eval/exact": self.eval_metrics["eval/exact"],
+                                             "eval/response_tokens": self.eval_metrics["eval/response_tokens"]}, log)
+
+    def _rm_stage(self, log):
+        """Pairwise training of the reward model; its accuracy on the held-out records before and after."""
+        name = f"reward:{self.cfg.rm_reward()}"
+        train, held = self.data["rm"]
+        before = self._rm_accuracy(name, held)
+        metrics = self._stage_steps("rm", name, train, _rm_batch, log)
+        metrics.update({"rm/eval_accuracy_start": before, "rm/eval_accuracy": self._rm_accuracy(name, held)})
+        ray.get([r.call("freeze") for r in self._ranks(name)])
+        self._finish_stage("rm", name, metrics, log)
+
+    def _rm_accuracy(self, name, records):
+        counts = self._gather(self._scatter(name, "rm_eval", _rm_batch(records)))
+        return counts["correct"] / counts["pairs"] if counts["pairs"] else float("nan")
+
+    def _finish_stage(self, stage, model, metrics, log):
+        """Saves the stage's model (rank 0, an HF folder: <checkpoint dir>/<stage>, written
+        atomically, with stage.json) and hands it to the models it feeds."""
+        path = os.path.join(os.path.abspath(self.cfg.checkpoint_dir()), stage)
+        partial = path + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        ray.get(self._ranks(model)[0].call("save", partial, False))
+        with open(os.path.join(partial, "stage.json"), "w") as f:
+            json.dump({"stage": stage, "model": model, "metrics": metrics}, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(partial, path)
+        self.stage_metrics[stage] = metrics
+        self._use_stage(stage, path)
+        log.event(0, f"{stage} done: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; saved to {path}")
+
+    def _use_stage(self, stage, path):
+        """A finished stage's model into the models it feeds: sft -> the policy and the reference
+        (when it has no source of its own), then the rollout (sync); rm -> its reward model (frozen)
+        and, with rm.init_value, the value model (its head's bias, absent in a reward model, kept)."""
+        c = self.cfg
+        if stage == "sft":
+            targets = [("policy", ())]
+            if c.models.reference is not None and c.models.reference.model is None:
+                targets.append(("reference", ()))
+        else:
+            targets = [(f"reward:{c.rm_reward()}", ())]
+            if c.models.value is not None and c.rm.init_value:
+                targets.append(("value", ("score.bias",)))
+        ray.get([r.call("load_weights", path, missing_ok) for name, missing_ok in targets for r in self._ranks(name)])
+        if stage == "rm":
+            ray.get([r.call("freeze") for r in self._ranks(targets[0][0])])
+        self.stage_outputs[stage] = path
+        if stage == "sft":
+            self._sync(self.step)
+
     # ------------------------------------------------------------------------------ the loop
-    def learn(self, steps=None):
-        """Runs `train.steps` steps (or `steps`), evaluating every `train.eval_every_steps`;
-        writes the run folder; returns the summary (metric at the start and the end, time per
-        phase)."""
+    def learn(self, steps=None, log=None):
+        """Runs `train.steps` steps (or `steps`) of RL, evaluating every `train.eval_every_steps`;
+        writes the run folder (into `log`, a RunLog, when given); returns the summary (metric at
+        the start and the end, time per phase, the stages before)."""
         from .report import RunLog
 
         c = self.cfg
@@ -393,7 +560,9 @@ class Engine:
             self.start()
         steps = c.train.steps if steps is None else steps
         end = self.step + steps  # learn() may be called again: it continues from self.step
-        log = RunLog(c, steps, append=self.step > 0)
+        own_log = log is None
+        if own_log:
+            log = RunLog(c, steps, append=self.step > 0)
         try:
             start_metric = self.evaluate()
             log.eval(self.step, self.eval_metrics)
@@ -424,11 +593,12 @@ class Engine:
                     prompts, pending = (next_prompts, next_pending) if ahead else (self._prompts(), None)
             summary = {"eval_start": start_metric, "eval_end": self.history[-1]["eval/exact"],
                        "steps": steps, "seconds": time.perf_counter() - t0,
-                       "phase_seconds": dict(self.phase_seconds)}
+                       "phase_seconds": dict(self.phase_seconds), "stages": self.stage_metrics}
             log.finish(summary)
             return summary
         finally:
-            log.close()
+            if own_log:
+                log.close()
 
     def _recover(self, error, log):
         """After a worker died: every worker is replaced (the survivors may wait on the dead one
@@ -444,6 +614,9 @@ class Engine:
         self.start()
         if latest:
             self.resume(latest)
+        else:  # RL from its start: the earlier stages' models again
+            for stage, path in list(self.stage_outputs.items()):
+                self._use_stage(stage, path)
         self.history = [m for m in self.history if m["step"] <= self.step]
         log.event(failed, f"step {failed}: a worker died ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
                           f"workers restarted, resumed from {latest or 'the initial state'} "
@@ -481,7 +654,8 @@ class Engine:
                  for name in self._trainers() for r, rank in enumerate(self._ranks(name))])
         torch.save(ray.get([w.rng_state.remote() for w in self.workers]), os.path.join(partial, "rng.pt"))
         with open(os.path.join(partial, "engine.json"), "w") as f:
-            json.dump({"step": self.step, "rng": list(self.rng.getstate()[1]), "layout": self._layout()}, f)
+            json.dump({"step": self.step, "rng": list(self.rng.getstate()[1]), "layout": self._layout(),
+                       "stages": self.stage_outputs, "stage_metrics": self.stage_metrics}, f)
         if os.path.exists(path):  # the same step saved again: the old one goes only once the new is whole
             shutil.rmtree(path)
         os.replace(partial, path)
@@ -510,6 +684,9 @@ class Engine:
             state = json.load(f)
         if state["layout"] != self._layout():
             raise ValueError(f"checkpoint {path} has the layout {state['layout']}, this config {self._layout()}")
+        for stage, folder in state["stages"].items():  # the models the earlier stages made, then the trainers
+            self._use_stage(stage, folder)
+        self.stage_metrics = state["stage_metrics"]
         ray.get([rank.call("load", os.path.join(path, name, f"rank_{r}"))
                  for name in self._trainers() for r, rank in enumerate(self._ranks(name))])
         rngs = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
@@ -523,3 +700,9 @@ class Engine:
         r = self._ranks(name)[rank]
         return ray.get(r.worker.weights.remote(name))
 
+
+
+def _rm_batch(records):
+    """RM records [(query, [responses], [scores])] -> the wire batch of train_rm / rm_eval."""
+    return {"query": [q for q, _, _ in records], "responses": [r for _, r, _ in records],
+            "scores": [s for _, _, s in records]}

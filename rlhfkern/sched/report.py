@@ -50,6 +50,17 @@ class RunLog:
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
 
+    def stage(self, stage, step, steps, metrics):
+        """A step of the sft / rm stage: a metrics.jsonl line ({"stage", "step", ...}), TensorBoard
+        under the stage's names, a console line."""
+        self._write({"stage": stage, "step": step, **metrics})
+        text = f"{stage} {step}/{steps}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())
+        if self.bar is None:
+            if self.cfg.progress:
+                print(text, flush=True)
+        else:
+            self.bar.write(text)
+
     def event(self, step, text):
         """Something the run did besides training (a worker lost and the run recovered): a line
         in metrics.jsonl and on the console."""
@@ -96,10 +107,19 @@ class RunLog:
         self.jsonl.close()
 
 
+STAGE_ROWS = {"sft": ("held-out exact match, after sft", "eval/exact"),
+              "rm": ("reward model pairwise accuracy, held-out", "rm/eval_accuracy")}
+
+
 def table(summary):
-    rows = [("held-out exact match, start", f"{summary['eval_start']:.3f}"),
-            ("held-out exact match, end", f"{summary['eval_end']:.3f}"),
-            ("steps", str(summary["steps"])), ("seconds", f"{summary['seconds']:.1f}")]
+    rows = [(label, f"{summary['stages'][stage][key]:.3f}") for stage, (label, key) in STAGE_ROWS.items()
+            if stage in summary.get("stages", {})]
+    if "eval_end" not in summary:  # no rl stage
+        return "\n".join(f"{k}  {v}" for k, v in rows)
+    rows += [("held-out exact match, start" if not rows else "held-out exact match, rl start",
+              f"{summary['eval_start']:.3f}"),
+             ("held-out exact match, end", f"{summary['eval_end']:.3f}"),
+             ("steps", str(summary["steps"])), ("seconds", f"{summary['seconds']:.1f}")]
     total = sum(summary["phase_seconds"].values()) or 1.0
     rows += [(f"  {p}", f"{s:.1f} s ({100 * s / total:.0f}%)") for p, s in summary["phase_seconds"].items() if s > 0]
     width = max(len(k) for k, _ in rows)

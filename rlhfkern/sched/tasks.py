@@ -17,14 +17,14 @@ VOCAB_SIZE = DIGIT0 + 10
 SYMBOLS = ["<pad>", "<s>", "</s>", "="] + [str(d) for d in range(10)]
 
 
-def encode(text):
-    """Text of the tasks' symbols -> token ids; a prompt without its leading BOS gets one."""
+def encode(text, bos=True):
+    """Text of the tasks' symbols -> token ids; with `bos` (a prompt), a leading BOS if it has none."""
     words = text.split()
     bad = [w for w in words if w not in SYMBOLS]
     if bad:
         raise ValueError(f"{bad[0]!r} is not a symbol of the digit tasks (one of {' '.join(SYMBOLS)})")
     ids = [SYMBOLS.index(w) for w in words]
-    return ids if ids[:1] == [BOS] else [BOS] + ids
+    return [BOS] + ids if bos and ids[:1] != [BOS] else ids
 
 
 def decode(ids):
@@ -36,6 +36,11 @@ def decode(ids):
         if i == EOS:
             break
     return " ".join(out)
+
+
+def _text(ids):
+    """Prompt or answer ids -> their text without BOS and EOS ("3 2 1"), as the data files hold it."""
+    return " ".join(SYMBOLS[i] for i in ids if i not in (BOS, EOS, PAD))
 
 
 def _answer(kind, digits):
@@ -101,6 +106,39 @@ class DigitTask:
             if p not in self._held_out:
                 out.append(list(p))
         return out
+
+
+OTHER = {"reverse": "copy", "copy": "reverse"}
+
+
+def sft_records(task, n, wrong_fraction, rng):
+    """`n` demonstrations {"query", "response"} on the task's training prompts: a `wrong_fraction`
+    of them (drawn at random) give the other task's answer (an annotator's systematic mistake;
+    the same answer when it reads the same both ways)."""
+    out = []
+    for prompt in task.train_prompts(n, rng):
+        kind = OTHER[task.kind] if rng.random() < wrong_fraction else task.kind
+        out.append({"query": _text(prompt), "response": _text(target_tokens(kind, prompt))})
+    return out
+
+
+def rm_records(task, n, rng):
+    """`n` ranked records {"query", "response": [5 answers], "score": [their rule score]}: the
+    right answer, the other task's, the right one with one digit changed, with one digit too
+    many, random digits; in a random order."""
+    out = []
+    for prompt in task.train_prompts(n, rng):
+        right = target_tokens(task.kind, prompt)
+        typo = list(right)
+        i = rng.randrange(len(typo) - 1)
+        typo[i] = DIGIT0 + (typo[i] - DIGIT0 + rng.randrange(1, 10)) % 10
+        noise = [DIGIT0 + rng.randrange(10) for _ in right[:-1]] + [EOS]
+        longer = right[:-1] + [DIGIT0 + rng.randrange(10), EOS]
+        answers = [right, target_tokens(OTHER[task.kind], prompt), typo, longer, noise]
+        rng.shuffle(answers)
+        out.append({"query": _text(prompt), "response": [_text(a) for a in answers],
+                    "score": [score(task.kind, prompt, a) for a in answers]})
+    return out
 
 
 def reverse_reward(prompts, responses):
