@@ -204,7 +204,8 @@ class LoggingConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    every_steps: NonNegativeInt = Field(0, description="0: no checkpoints")
+    every_steps: NonNegativeInt = Field(0, description="a checkpoint every N RL steps and at the end; 0: none "
+                                        "(the stages' models are saved either way)")
     dir: str | None = Field(None, description="default: <run_dir>/checkpoints")
     keep: PositiveInt | None = Field(None, description="how many of the newest checkpoints to keep; null: all")
 

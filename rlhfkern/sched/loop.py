@@ -564,6 +564,7 @@ class Engine:
         if own_log:
             log = RunLog(c, steps, append=self.step > 0)
         try:
+            log.start_steps()
             start_metric = self.evaluate()
             log.eval(self.step, self.eval_metrics)
             t0 = time.perf_counter()
@@ -587,8 +588,8 @@ class Engine:
                 self._check_finite(metrics)
                 self.history.append(metrics)
                 log.step(metrics)
-                if c.checkpoint.every_steps and self.step % c.checkpoint.every_steps == 0:
-                    self._checkpoint()
+                if c.checkpoint.every_steps and (self.step % c.checkpoint.every_steps == 0 or self.step == end):
+                    self._checkpoint()  # every N steps and at the end
                 if self.step < end:
                     prompts, pending = (next_prompts, next_pending) if ahead else (self._prompts(), None)
             summary = {"eval_start": start_metric, "eval_end": self.history[-1]["eval/exact"],

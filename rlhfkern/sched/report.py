@@ -24,6 +24,11 @@ class RunLog:
             self.bar = tqdm(total=steps, desc="rlhf", unit="step", dynamic_ncols=True)
         self.steps, self.evals = [], []
 
+    def start_steps(self):
+        """The RL steps begin (after any stages): the bar's clock starts now."""
+        if self.bar is not None:
+            self.bar.reset()
+
     def eval(self, step, metrics):
         """The held-out evaluation (Engine.eval_metrics) at `step`."""
         self.evals.append((step, metrics["eval/exact"]))
