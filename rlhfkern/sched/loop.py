@@ -3,8 +3,13 @@
 One step:  generate -> rewards -> reference and old log-probs -> values -> advantages ->
 PPO epochs (policy, value) -> weight sync to the rollout -> metrics.
 
+Before the RL steps, the pipeline's stages (`stages: [sft, rm, rl]`) run on the same actors:
+sft trains the policy (train_sft), rm a model reward (train_rm); each stage's model is saved to
+<checkpoint dir>/<stage> and loaded into the models it feeds (_use_stage).
+
     engine = rlhfkern.Engine("config.yaml")      # or an EngineConfig
-    summary = engine.learn()                     # starts Ray and the actors if needed
+    summary = engine.run()                       # the stages; starts Ray and the actors if needed
+    summary = engine.learn(steps)                # RL steps alone
 
 Rewards are outcome rewards: the weighted sum of the rule and model rewards is placed on the
 last response token. The KL to the reference enters the actor loss (`algorithm.kl_coef`,
@@ -506,7 +511,6 @@ class Engine:
         before = self._rm_accuracy(name, held)
         metrics = self._stage_steps("rm", name, train, _rm_batch, log)
         metrics.update({"rm/eval_accuracy_start": before, "rm/eval_accuracy": self._rm_accuracy(name, held)})
-        ray.get([r.call("freeze") for r in self._ranks(name)])
         self._finish_stage("rm", name, metrics, log)
 
     def _rm_accuracy(self, name, records):
@@ -685,9 +689,9 @@ class Engine:
             state = json.load(f)
         if state["layout"] != self._layout():
             raise ValueError(f"checkpoint {path} has the layout {state['layout']}, this config {self._layout()}")
-        for stage, folder in state["stages"].items():  # the models the earlier stages made, then the trainers
+        for stage, folder in state.get("stages", {}).items():  # the earlier stages' models, then the trainers
             self._use_stage(stage, folder)
-        self.stage_metrics = state["stage_metrics"]
+        self.stage_metrics = state.get("stage_metrics", {})
         ray.get([rank.call("load", os.path.join(path, name, f"rank_{r}"))
                  for name in self._trainers() for r, rank in enumerate(self._ranks(name))])
         rngs = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
@@ -700,7 +704,6 @@ class Engine:
     def weights(self, name, rank=0):
         r = self._ranks(name)[rank]
         return ray.get(r.worker.weights.remote(name))
-
 
 
 def _rm_batch(records):
