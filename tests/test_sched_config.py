@@ -150,7 +150,7 @@ def test_shipped_configs_load_and_plan(path, capsys):
 def test_cli_takes_overrides_without_a_config(capsys):
     from rlhfkern.__main__ import main
 
-    assert main(["plan", "train.prompts_per_step=4", "train.minibatch_sequences=32"]) == 0
+    assert main(["plan", "train.prompts_per_step=4", "train.minibatch_sequences=32", "data.eval_prompts=16"]) == 0
     assert "generate  rollout [32]" in capsys.readouterr().out  # 4 prompts x 8 samples, the default config
     assert main(["plan", default_config_path(), "train.steps=0"]) == 2
     assert "train.steps: Input should be greater than 0" in capsys.readouterr().err

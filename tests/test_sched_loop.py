@@ -101,6 +101,48 @@ def assert_memory_estimate_matches_actors(e):
             assert real == {"weights": mm.weights, "gradients": mm.gradients, "optimizer": mm.optimizer}, name
 
 
+RM_COLOCATED = ["models.rewards={rm: {kind: model}, reverse: {kind: rule, function: 'rlhfkern.sched.tasks:reverse_reward'}}",
+                "placement.colocate=[[policy, rollout, reference, 'reward:rm']]"]
+
+
+@pytest.mark.parametrize("config,overrides,phases", [
+    ("grpo_reverse.yaml", RM_COLOCATED, {"generate", "reward", "logprobs", "train"}),
+    ("grpo_reverse.yaml", SHORT + SEPARATE, {"generate", "logprobs", "train"}),
+    ("ppo_separate.yaml", [], {"generate", "logprobs", "values", "train"}),
+], ids=["colocated-with-reward-model", "separate-short", "ppo-separate"])
+def test_memory_estimate_is_within_15_percent_of_the_measured_peaks(ray_gpus, tmp_path, config, overrides, phases):
+    """placement.measure_memory: every worker records each phase's peak (the models' tensors plus
+    the peak of what the phase's calls allocate, from the profiler's allocation record); the
+    plan's estimate of each device and phase is within 15% of it, and the run's summary holds the
+    comparison."""
+    e = engine(tmp_path, config, *overrides, "placement.measure_memory=true")
+    try:
+        summary = e.learn(2)
+    finally:
+        e.shutdown()
+    rows = summary["memory"]
+    assert {phase for _, phase, *_ in rows} == phases
+    for device, phase, kept, offloaded, est, measured in rows:
+        assert offloaded == [] and kept  # CPU tensors: nothing leaves the device
+        assert abs(est - measured) <= 0.15 * measured, (device, phase, est, measured)
+
+
+def test_the_memory_report_says_what_each_phase_keeps_and_offloads():
+    """With offload on CUDA, a colocated phase keeps only its own models' state on the device;
+    the comparison table names them and the offloaded ones."""
+    from rlhfkern.sched.memory import compare, comparison_lines, estimate
+
+    cfg = load_config(f"{SHIPPED}/default.yaml", ["placement.device=cuda"])
+    report = estimate(cfg, "cuda")
+    rows = compare(report, {(0, 0): {"generate": 1 << 20, "reward": 1 << 20, "train": 1 << 20}})
+    by_phase = {phase: (kept, off) for _, phase, kept, off, _, _ in rows}
+    assert by_phase["generate"] == (["rollout"], ["policy", "reference", "reward:rm"])
+    assert by_phase["reward"] == (["reward:rm"], ["policy", "reference", "rollout"])
+    assert by_phase["train"] == (["policy"], ["reference", "reward:rm", "rollout"])
+    text = "\n".join(comparison_lines(rows))
+    assert "policy, reference, reward:rm" in text and "1.00 MiB" in text
+
+
 def test_off_policy_overlap_runs_with_one_step_stale_rollout(ray_gpus, tmp_path):
     summary, history = run(tmp_path, "grpo_reverse.yaml", 3, *SHORT, *SEPARATE, "rollout.off_policy_steps=1")
     assert [m["step"] for m in history] == [1, 2, 3]

@@ -13,7 +13,7 @@ from conftest import need  # noqa: E402
 need("pydantic", "yaml", "transformers", "ray", extra="ray")
 
 from rlhfkern.sched.config import ConfigError, parse_config
-from rlhfkern.sched.memory import check_memory, estimate, model_memory
+from rlhfkern.sched.memory import check_memory, estimate, model_memory, transient
 from rlhfkern.sched.placement import Placement, plan_text
 
 LLAMA = {"model_type": "llama", "vocab_size": 14, "hidden_size": 32, "intermediate_size": 64,
@@ -158,15 +158,22 @@ def test_offload_rule_and_transient_formulas():
     assert pool0.phases["train"].keys() >= {("policy", "weights"), ("policy", "optimizer")}
     assert ("reference", "weights") not in pool0.phases["train"]
     assert ("policy", "optimizer") in [d for d in on_cpu.devices if d.pool == 0][0].phases["generate"]
-    # rollout on its own device: weights always, KV cache in generate = 2*L*kv*hd*s*b*e
-    m, s, b = on_cpu.models["rollout"], on_cpu.seq, 16 * 8
-    assert s == cfg.data.max_digits + 2 + cfg.rollout.max_new_tokens
+    # rollout on its own device: weights always; generate's batch is the held-out evaluation's 200
+    # prompts (more than 4 x 8 sequences); generate's peak is the larger of the prefill (the
+    # prompt's KV cache, 2*L*kv*hd*p*b*e, and a prompt-long layer's working set) and the last
+    # decoding step (the cache at s tokens, plus one layer's keys copied as it grows): here the
+    # prefill (L=2 layers, kv=2 heads, hd=8, e=4, p=5, s=13)
+    m, s, p, b = on_cpu.models["rollout"], on_cpu.seq, cfg.data.max_digits + 2, 200
+    assert s == p + cfg.rollout.max_new_tokens and on_cpu.batch["generate"]["rollout"] == b
     rollout = [d for d in on_cpu.devices if d.models == ("rollout",)][0]
-    assert rollout.phases["generate"][("rollout", "kv_cache")] == 2 * 2 * 2 * 8 * s * b * 4 // 4
+    per_token = 2 * 2 * 2 * 8 * b * 4
+    assert rollout.phases["generate"][("rollout", "kv_cache")] == per_token * p
+    decode = transient(m, "generate", b, s, 1)  # a one-token prompt: the last decoding step is the peak
+    assert decode["kv_cache"] == per_token * s + per_token * s // 4
     assert rollout.phases["train"] == {("rollout", "weights"): m.weights}
-    # Korthikanti et al. (e = 2 bytes: bfloat16 value) with b = minibatch / dp = 16
+    # train activations, e = 2 bytes (bfloat16 value), b = minibatch / dp = 16, h = 32, f = 64
     v = on_cpu.models["value"]
-    acts = 2 * s * 16 * 32 * (34 + 5 * 4 * s / 32)
+    acts = int(16 * s * 2 * (2 * (8.4 * 32 + 5.0 * 64) + 6.5 * 32))
     assert [d for d in on_cpu.devices if d.models == ("value",)][0].phases["train"][("value", "activations")] == acts
     assert v.itemsize == 2
 
@@ -178,7 +185,7 @@ def test_check_memory_refuses_a_plan_that_does_not_fit():
         check_memory(report)
     keys = {k for k, _ in e.value.problems}
     assert keys == {"placement.device_memory_gib"}
-    assert re.search(r"device pool0/bundle0 phase train needs 935\.3 KiB > 524\.3 KiB", str(e.value))
+    assert re.search(r"device pool0/bundle0 phase train needs 950\.6 KiB > 524\.3 KiB", str(e.value))
     assert "DOES NOT FIT" in plan_text(cfg, report)
     assert check_memory(estimate(config(MIXED))) is not None  # 80 GiB: fits
 

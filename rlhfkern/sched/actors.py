@@ -275,6 +275,8 @@ class HFBackend:
 
     # ---------------------------------------------------------------------------- forward passes
     def _inputs(self, batch):
+        """ids, attention mask, positions of a batch (forward passes outside generation run with
+        use_cache=False: transformers would otherwise keep every layer's keys and values)."""
         ids = batch["input_ids"].to(self.device)
         am = batch["attention_mask"].to(self.device)
         return ids, am, position_ids(am)
@@ -284,8 +286,8 @@ class HFBackend:
         ids, am, pos = self._inputs(batch)
         R = batch["response_mask"].shape[1]
         labels = torch.where(batch["response_mask"].to(self.device).bool(), ids[:, -R:], -100)
-        return self._labelled_logprobs(module, {"input_ids": ids, "attention_mask": am, "position_ids": pos}, labels,
-                                       with_entropy, self.cfg.rollout.temperature)
+        inputs = {"input_ids": ids, "attention_mask": am, "position_ids": pos, "use_cache": False}
+        return self._labelled_logprobs(module, inputs, labels, with_entropy, self.cfg.rollout.temperature)
 
     def _labelled_logprobs(self, module, inputs, labels, with_entropy, temperature):
         """log p(token t | tokens < t) (and the entropy there) for the last K tokens of each row,
@@ -311,7 +313,7 @@ class HFBackend:
     def _values(self, module, batch):
         ids, am, pos = self._inputs(batch)
         R = batch["response_mask"].shape[1]
-        v = module(input_ids=ids, attention_mask=am, position_ids=pos).logits[..., 0]
+        v = module(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False).logits[..., 0]
         return v[:, -R - 1:-1].float()  # V(s_t) from the state before token t, as verl
 
     @torch.no_grad()
@@ -321,7 +323,7 @@ class HFBackend:
     def _scores(self, module, batch):
         """A reward model's score of each sequence: its scalar head at the last non-PAD token."""
         ids, am, pos = self._inputs(batch)
-        return module(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, 0].float()
+        return module(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False).logits[:, 0].float()
 
     @torch.no_grad()
     def scores(self, batch):
@@ -527,6 +529,43 @@ class HFBackend:
 BACKENDS = {"hf": HFBackend}
 
 
+# the backend methods of a step's phases, whose peak memory the workers measure on request
+PHASE_OF = {"generate": "generate", "scores": "reward", "logprobs": "logprobs", "values": "values",
+            "train_policy": "train", "train_value": "train"}
+
+
+def _allocation_events(events):
+    for e in events:
+        if e.tag == torch._C._profiler._EventType.Allocation:
+            yield e
+        yield from _allocation_events(e.children)
+
+
+def measure_peak(fn, device):
+    """(fn()'s result, the peak of the bytes allocated during it less those freed): on CUDA the
+    allocator's peak less its bytes at the start; on CPU from the profiler's record of every
+    allocation and free (torch.profiler with profile_memory; a free of a tensor from before the
+    call counts negative)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted(_allocation_events(prof.profiler.kineto_results.experimental_event_tree()),
+                    key=lambda e: e.start_time_ns)
+    live = top = 0
+    for e in events:
+        live += e.extra_fields.alloc_size  # negative for a free
+        top = max(top, live)
+    return out, top
+
+
 class ModelWorker:
     """The Ray actor (process) of one bundle: rank `rank` of each model in `models` (the models
     of one colocation group time-share it; a separate model has a worker per rank). Created by
@@ -541,6 +580,7 @@ class ModelWorker:
         self.cfg, self.models, self.rank, self.device = cfg, tuple(models), rank, device
         self.backends = {}
         self.groups = {}
+        self.peaks = None  # phase -> measured peak bytes on this device, while measuring
 
     def info(self):
         import ray
@@ -586,8 +626,31 @@ class ModelWorker:
 
     def call(self, model, method, *args, **kwargs):
         """A backend method of `model` by name (generate, logprobs, values, scores, train_policy, ...);
-        arguments and result as `to_wire` sends them."""
-        return to_wire(getattr(self.backends[model], method)(*map(from_wire, args), **kwargs))
+        arguments and result as `to_wire` sends them. While measuring, a phase's method records
+        the device's peak: the state of every model here (weights, gradients, optimizer) plus
+        the peak of what the call allocates."""
+        fn = getattr(self.backends[model], method)
+        args = list(map(from_wire, args))
+        if self.peaks is None or method not in PHASE_OF:
+            return to_wire(fn(*args, **kwargs))
+        device = self.backends[model].device
+        if device.type == "cuda":  # everything on the device
+            static = torch.cuda.memory_allocated(device)
+        else:  # the models' tensors (on CPU nothing is offloaded)
+            static = sum(sum(b.memory_bytes().values()) for b in self.backends.values())
+        out, peak = measure_peak(lambda: fn(*args, **kwargs), device)
+        phase = PHASE_OF[method]
+        self.peaks[phase] = max(self.peaks.get(phase, 0), static + peak)
+        return to_wire(out)
+
+    def measure(self, on=True):
+        """Starts (from nothing) or stops recording each phase's peak memory."""
+        self.peaks = {} if on else None
+        return True
+
+    def measured_peaks(self):
+        """phase -> the peak bytes recorded since measuring started (None: not measuring)."""
+        return None if self.peaks is None else dict(self.peaks)
 
     # ---------------------------------------------------------------------------- weight sync
     def set_sync_plan(self, plan):

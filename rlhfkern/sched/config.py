@@ -137,6 +137,9 @@ class PlacementConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees GPUs")
     threads_per_actor: PositiveInt = Field(2, description="torch threads in each actor on CPU tensors")
     offload: bool = Field(True, description="colocated models leave the GPU between their phases (CUDA only)")
+    measure_memory: bool = Field(False, description="record each phase's peak memory per device (the CUDA "
+                                 "allocator's peak; on CPU the live tensor bytes, through the profiler: slow) and "
+                                 "compare it with the estimate at the end of the run")
 
 
 class AlgorithmConfig(_Strict):

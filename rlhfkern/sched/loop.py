@@ -219,8 +219,19 @@ class Engine:
         ray.get([self.workers[i].set_sync_plan.remote(plan_ref) for i in sorted(sync_workers)])
         self.sync_sources = {i: sorted({t.src_rank for t in plan.transfers for r, _, _ in t.dsts if r == i})
                              for i in range(self.cfg.models.rollout.world)}  # trainer ranks feeding rollout rank i
+        if self.cfg.placement.measure_memory:
+            ray.get([w.measure.remote(True) for w in self.workers])
         self._sync(self.step)
         return self
+
+    def memory_comparison(self):
+        """The estimate of every device's phases against the peaks its worker measured since the
+        start (placement.measure_memory): memory.compare's rows."""
+        from .memory import compare
+
+        peaks = ray.get([w.measured_peaks.remote() for w in self.workers])
+        measured = {(w.pool, w.bundle): p or {} for w, p in zip(self.placement.workers, peaks)}
+        return compare(estimate(self.cfg, self.device), measured)
 
     def _plan(self):
         from ..reshard import HFLayout, ModelSpec, ReplicatedLayout, plan_reshard
@@ -599,6 +610,8 @@ class Engine:
             summary = {"eval_start": start_metric, "eval_end": self.history[-1]["eval/exact"],
                        "steps": steps, "seconds": time.perf_counter() - t0,
                        "phase_seconds": dict(self.phase_seconds), "stages": self.stage_metrics}
+            if c.placement.measure_memory:
+                summary["memory"] = self.memory_comparison()
             log.finish(summary)
             return summary
         finally:

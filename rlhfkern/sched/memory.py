@@ -25,13 +25,20 @@ The models of one phase may run at the same time, so their transient memory adds
 Transient memory, from the batch shapes (b sequences per rank of s tokens, t = b * s; e = bytes
 per element of the model's dtype; L layers, h hidden, a heads, f = intermediate size, V vocab):
   s = longest prompt (data.max_digits + 2) + rollout.max_new_tokens (prefill: the prompt only)
-  b = prompts_per_step * samples_per_prompt / dp, and train.minibatch_sequences / dp in train
-  kv_cache     2 * L * kv_heads * head_dim * s * b * e                            (generate)
-  activations  train: Korthikanti et al. 2022, eq. 1 (no recomputation, tp = 1; its constants
-               are for 2-byte activations, scaled by e / 2): L * s*b*h * (34 + 5*a*s/h) * e/2
-               inference: one layer's working set, (6*t*h + max(2*b*a*s*s_kv, 3*t*f)) * e
-               (residual, norm, q, k, v, attention out; eager attention scores + probabilities,
-               or the MLP's gate/up/product); generate: the larger of prefill and one decode step
+  b = prompts_per_step * samples_per_prompt / dp, train.minibatch_sequences / dp in train, and
+      at least data.eval_prompts / dp in generate and reward (the held-out evaluation's batch)
+  kv_cache     2 * L * kv_heads * head_dim * s * b * e (generate; at the prefill s = the prompt,
+               at the last step s plus one layer's keys copied while the cache grows)
+  activations  train: t * e * (L * (8.4 h + 5 f) + 6.5 h): what autograd keeps for a
+               transformers Llama-family decoder (RMSNorm, rotary, SwiGLU MLP, SDPA attention,
+               which keeps no [s, s] scores) with use_cache off, and the gradients in flight at
+               the start of the backward; the constants are fitted to the profiler's live bytes
+               on CPU over hidden sizes 64-128, intermediate 128-512, 2-4 layers, 11-17 tokens
+               (Korthikanti et al.'s 34 s b h per layer is for GPT's LayerNorm/GELU/dropout)
+               inference: one layer's working set, (4*t*h + 2*t*head_dim + max(2*b*a*s*s_kv,
+               3*t*f)) * e (residual stream, normed input, output, rotary tables; attention scores
+               + probabilities, or the MLP's gate/up/product); generate: the larger of the
+               prefill (with the prompt's cache) and the last decoding step
   logits       causal LMs, over the t_r = b * max_new_tokens response tokens: train 2 * t_r * V * 4
                (float32 logits and their gradient); inference t_r * V * (e + 4) (the lm_head
                output and its float32 copy; e = 4: t_r * V * 4); generate: one position per
@@ -164,9 +171,16 @@ def model_memory(cfg, name):
 
 def _working_set(m, b, s, s_kv):
     """Inference activations: one layer's working set for b sequences of s new tokens that attend
-    to s_kv tokens."""
+    to s_kv tokens: the residual stream, its input, the normed input and the output (4 t h), the
+    rotary tables (2 t head_dim), and the larger of the attention scores and probabilities and
+    the MLP's gate/up/product (3 t f)."""
     t = b * s
-    return (6 * t * m.hidden + max(2 * b * m.heads * s * s_kv, 3 * t * m.intermediate)) * m.itemsize
+    return (4 * t * m.hidden + 2 * t * m.head_dim
+            + max(2 * b * m.heads * s * s_kv, 3 * t * m.intermediate)) * m.itemsize
+
+
+TRAIN_PER_LAYER = (8.4, 5.0)  # activations autograd keeps per layer and token, in units of h and f
+TRAIN_OUTSIDE_LAYERS = 6.5    # ... and outside the layers (embedding, final norm, gradients in flight), units of h
 
 
 def _inference_logits(m, tokens):
@@ -192,14 +206,19 @@ def _logprob_logits(m, tokens, train):
 def transient(m, phase, b, s, prompt):
     """{component: bytes} of model `m` running `phase` on b sequences of s tokens (prompt long)."""
     e = m.itemsize
-    if phase == "generate":
-        return {"activations": max(_working_set(m, b, prompt, prompt), _working_set(m, b, 1, s)),
-                "kv_cache": 2 * m.layers * m.kv_heads * m.head_dim * s * b * e,
-                "logits": _inference_logits(m, b)}
+    if phase == "generate":  # the larger of the prefill and the last decoding step
+        kv = 2 * m.layers * m.kv_heads * m.head_dim * b * e  # per cached token
+        prefill = {"activations": _working_set(m, b, prompt, prompt), "kv_cache": kv * prompt,
+                   "logits": _inference_logits(m, b)}
+        # the cache grown to s tokens, and one layer's keys (or values) copied as it grows
+        decode = {"activations": _working_set(m, b, 1, s), "kv_cache": kv * s + kv * s // (2 * m.layers),
+                  "logits": _inference_logits(m, b)}
+        return max(prefill, decode, key=lambda parts: sum(parts.values()))
     if phase in ("reward", "logprobs", "values"):
         return {"activations": _working_set(m, b, s, s), "logits": _logprob_logits(m, b * (s - prompt), False)}
     if phase == "train":
-        acts = m.layers * s * b * m.hidden * (34 * e // 2) + m.layers * 5 * m.heads * s * s * b * e // 2
+        c_h, c_f = TRAIN_PER_LAYER
+        acts = int(b * s * e * (m.layers * (c_h * m.hidden + c_f * m.intermediate) + TRAIN_OUTSIDE_LAYERS * m.hidden))
         return {"activations": acts, "logits": _logprob_logits(m, b * (s - prompt), True)}
     return {}  # sync: weights only
 
@@ -233,8 +252,10 @@ def estimate(cfg, device=None):
     prompt = cfg.data.max_digits + 2
     seq = prompt + cfg.rollout.max_new_tokens
     sequences = cfg.train.prompts_per_step * cfg.rollout.samples_per_prompt
-    batch = {p: {n: (cfg.train.minibatch_sequences if p == "train" else sequences) // cfg.model(n).dp
-                 for n in ms} for p, ms in phases.items()}
+    # the held-out evaluation generates and scores its prompts in one batch too
+    per_phase = {"train": cfg.train.minibatch_sequences, "generate": max(sequences, cfg.data.eval_prompts),
+                 "reward": max(sequences, cfg.data.eval_prompts)}
+    batch = {p: {n: per_phase.get(p, sequences) // cfg.model(n).dp for n in ms} for p, ms in phases.items()}
     devices = []
     for i, pool in enumerate(pools):
         for bundle in range(pool.devices):
@@ -283,3 +304,29 @@ def check_memory(report):
     if problems:
         raise ConfigError(problems)
     return report
+
+
+def compare(report, measured):
+    """Estimate against measurement, per device and phase: `measured` maps (pool, bundle) to the
+    worker's {phase: peak bytes}. Rows (device, phase, kept, offloaded, estimate, measured):
+    kept = the models whose state stays on the device in that phase, offloaded = the device's
+    other models (placement.offload on CUDA)."""
+    rows = []
+    for d in report.devices:
+        peaks = measured.get((d.pool, d.bundle), {})
+        for phase in report.schedule:
+            if phase not in peaks:
+                continue
+            kept = sorted({m for (m, c) in d.phases[phase] if c in STATE})
+            rows.append((d.name, phase, kept, sorted(set(d.models) - set(kept)), d.total(phase), peaks[phase]))
+    return rows
+
+
+def comparison_lines(rows):
+    """The table `compare` gives, as text."""
+    head = ["device", "phase", "kept on the device", "offloaded", "estimate", "measured", "est/meas"]
+    body = [[dev, phase, ", ".join(kept) or "-", ", ".join(off) or "-", fmt_bytes(est), fmt_bytes(meas),
+             f"{est / meas:.2f}" if meas else "-"] for dev, phase, kept, off, est, meas in rows]
+    widths = [max(len(r[c]) for r in [head] + body) for c in range(len(head))]
+    fmt = lambda r: "  " + "  ".join(x.ljust(w) if c < 4 else x.rjust(w) for c, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return ["memory per device and phase, estimated vs measured peak:", fmt(head), *map(fmt, body)]

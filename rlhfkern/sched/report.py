@@ -128,4 +128,9 @@ def table(summary):
     total = sum(summary["phase_seconds"].values()) or 1.0
     rows += [(f"  {p}", f"{s:.1f} s ({100 * s / total:.0f}%)") for p, s in summary["phase_seconds"].items() if s > 0]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if summary.get("memory"):
+        from .memory import comparison_lines
+
+        lines += ["", *comparison_lines(summary["memory"])]
+    return "\n".join(lines)
