@@ -161,3 +161,34 @@ def test_rl_prompts_come_from_the_prompts_file(tmp_path):
     prompts = e._prompts()
     assert len(prompts) == 16 * e.cfg.rollout.samples_per_prompt
     assert {tuple(p) for p in prompts} == {(1, 5, 6, 7, 3), (1, 8, 9, 10, 3)}
+
+
+def test_a_killed_worker_after_the_stages_resumes_rl_on_the_stages_models(ray_gpus, tmp_path):
+    """sft -> rm -> rl with no RL checkpoint: the worker is SIGKILLed during RL step 2; the engine
+    restarts the workers, loads the stages' saved models again (SFT into the policy and the
+    reference, the reward model) and redoes RL from its start: the metrics equal an uninterrupted
+    run's."""
+    import ray
+    import sched_rewards
+
+    rewards = ("models.rewards={rm: {kind: model, normalize: true}, "
+               "kill: {kind: rule, weight: 0.5, function: 'sched_rewards:killing_reward'}}")
+    common = [*SHORT, *STAGES, rewards, "data.task=copy", "train.steps=3"]
+    clean = engine(GRPO, tmp_path / "clean", *common)
+    try:
+        clean.run()
+        expect = untimed(clean.history)
+    finally:
+        clean.shutdown()
+    e = engine(GRPO, tmp_path / "killed", *common)
+    try:
+        e.start()
+        # the rule's calls: the evaluation after sft, the one before RL, then one per RL step
+        sched_rewards.KILL.update(at_call=4, calls=0, pid=ray.get(e.workers[0].info.remote())["pid"])
+        e.run()
+        assert untimed(e.history) == expect
+    finally:
+        sched_rewards.KILL.update(pid=None)
+        e.shutdown()
+    events = [m["event"] for m in lines(tmp_path / "killed") if "event" in m and "worker died" in m["event"]]
+    assert len(events) == 1 and "resumed from the initial state" in events[0]
