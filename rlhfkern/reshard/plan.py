@@ -155,6 +155,20 @@ def _overlap(intervals, start, stop):
     return covered
 
 
+def _along_sources(piece, index, shapes):
+    """A destination piece that is a whole tensor (an HF layout's), re-cut along the axis its
+    sources are split on when they are split on another one (megatron's row-parallel o_proj and
+    down_proj, axis 1, into a whole HF tensor, described along axis 0): the same elements."""
+    shape = shapes[piece.hf]
+    whole = piece.start == 0 and piece.stop == shape[piece.axis] and piece.offset == 0
+    if index.get((piece.hf, piece.axis)) or not whole:
+        return piece
+    for axis, size in enumerate(shape):
+        if index.get((piece.hf, axis)):
+            return dataclasses.replace(piece, axis=axis, start=0, stop=size)
+    return piece
+
+
 def plan_reshard(src_layout, dst_layout, *, colocated=False, dtype=torch.bfloat16):
     """The plan moving src_layout's shards into dst_layout's (pure computation). Processes: source
     rank r is process r; destination rank i is process src.world + i, or process i when
@@ -172,6 +186,7 @@ def plan_reshard(src_layout, dst_layout, *, colocated=False, dtype=torch.bfloat1
     for dr in range(dst_layout.world):
         for dname, dp in dst_layout.params(dr).items():
             for dpc in dp.pieces:
+                dpc = _along_sources(dpc, index, shapes)
                 cands = [(r, n, pc) for r, n, pc in index[(dpc.hf, dpc.axis)] if pc.start < dpc.stop and dpc.start < pc.stop]
                 cuts = sorted({dpc.start, dpc.stop} | {max(pc.start, dpc.start) for _, _, pc in cands}
                               | {min(pc.stop, dpc.stop) for _, _, pc in cands})

@@ -223,11 +223,10 @@ def _means(sums):
 class HFBackend:
     """A transformers model on one rank: DDP over the model's dp group when it trains."""
 
-    def __init__(self, cfg, name, rank, world, device, group):
+    def __init__(self, cfg, name, rank, world, device, groups):
         self.cfg, self.name, self.role, self.rank, self.world = cfg, name, role_of(name), rank, world
         self.device = torch.device(device)
-        self.group = group
-        mc = cfg.model(name)
+        self.group = groups.get(("model", name))  # the model's ranks (dp)
         self.model = build_model(cfg, name, cfg.train.seed, device=self.device)
         self.hf_config = self.model.config
         # the policy and value train in the RL stage; the reward model the rm stage trains, until frozen
@@ -239,7 +238,7 @@ class HFBackend:
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
             self.set_optimizer("rm" if self.role == "reward" else "rl")
-            self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, process_group=group)
+            self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, process_group=self.group)
                         if world > 1 else self.model)
         else:
             self.freeze()
@@ -307,6 +306,10 @@ class HFBackend:
 
     @torch.no_grad()
     def logprobs(self, batch, with_entropy=False):
+        return self._no_grad_logprobs(batch, with_entropy)
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, batch, with_entropy=False):
         lp, ent = self._token_logprobs(self.model, batch, with_entropy)
         return lp.cpu(), (ent.cpu() if ent is not None else None)
 
@@ -354,11 +357,15 @@ class HFBackend:
                                 f"the update was not applied")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip = self.opt_cfg.grad_clip_norm
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
+        norm = self._clip_grads(self.opt_cfg.grad_clip_norm or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         return norm
+
+    def _clip_grads(self, clip):
+        """The gradients' global L2 norm, and the gradients scaled down to `clip` if above (DDP has
+        averaged them over dp already)."""
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
 
     def _global_tokens(self, mb):
         return self._global_count(mb["response_mask"].sum())
@@ -422,7 +429,7 @@ class HFBackend:
             old = torch.empty(batch["response_mask"].shape, dtype=torch.float32)
             if old.shape[0] > minibatch:
                 rest = {key: v[minibatch:] for key, v in batch.items()}
-                old[minibatch:] = self.logprobs(rest)[0]
+                old[minibatch:] = self._no_grad_logprobs(rest)[0]
         for epoch, k, mb in self._minibatches(batch, minibatch, epochs):
             use_entropy = a.entropy_coeff != 0
             lp, ent = self._token_logprobs(self.ddp, mb, with_entropy=True)
@@ -526,7 +533,138 @@ class HFBackend:
                 "optimizer": sum(t.nbytes for t in opt)}
 
 
-BACKENDS = {"hf": HFBackend}
+def _no_grad_rows(token, module, args, output):
+    """A forward hook on an embedding: no gradient reaches the rows of `token`'s positions."""
+    if output.requires_grad:
+        keep = (args[0] != token).unsqueeze(-1).to(output.dtype)
+        output.register_hook(lambda grad: grad * keep)
+
+
+class MegatronBackend(HFBackend):
+    """A megatron-core GPTModel rank (rlhfkern.sched.megatron): tp x pp x dp ranks, tp fastest.
+    The same interface as HFBackend for a trainer or a reference (no generation); the loss and
+    optimizer code is HFBackend's, with the gradients averaged over dp by hand and their norm
+    taken over the tp shards; log-probs from the vocab-parallel logits. Ranks of one dp replica
+    get the same batch; the tp ranks past the first return None for per-sequence results (the
+    loop keeps one copy)."""
+
+    def __init__(self, cfg, name, rank, world, device, groups):
+        from ..reshard import MegatronLayout, ModelSpec
+        from . import megatron
+
+        mc = cfg.model(name)
+        self.cfg, self.name, self.role, self.rank = cfg, name, role_of(name), rank
+        self.device = torch.device(device)
+        self.tp, self.tp_rank = mc.tp, rank % mc.tp
+        self.tp_group, self.pp_group = groups[("model", name, "tp")], groups[("model", name, "pp")]
+        self.world, self.group = mc.dp, groups[("model", name, "dp")]  # what the losses average over
+        megatron.cpu_redirects(self.device)
+        hf = build_model(cfg, name, cfg.train.seed, device="cpu")  # the weights an hf backend starts from
+        self.hf_config = hf.config
+        self.layout = MegatronLayout(ModelSpec.from_hf_config(hf.config), mc.tp, mc.pp)
+        self.model = megatron.build_gpt(hf.config, self.layout, self.tp_group, self.pp_group, getattr(torch, mc.dtype))
+        self._copy_in(self.layout.shard({k: v.detach() for k, v in hf.named_parameters()})[rank % self.layout.world])
+        pad = hf.get_input_embeddings().padding_idx
+        if pad is not None:  # as the HF model's nn.Embedding(padding_idx=pad): that row gets no gradient
+            self.model.embedding.word_embeddings.register_forward_hook(functools.partial(_no_grad_rows, pad))
+        self.model.to(self.device)
+        self.model.train(False)
+        self.trainable = self.role == "policy"
+        self.optimizer = self.scheduler = None
+        self.ddp = self.model
+        if self.trainable:
+            self.set_optimizer("rl")
+        else:
+            self.freeze()
+        self.offloaded = False
+
+    def _copy_in(self, shard):
+        """This rank's tensors (megatron names) into the model; another model's are refused by name."""
+        ours = dict(self.model.named_parameters())
+        if shard.keys() != ours.keys() or any(shard[n].shape != p.shape for n, p in ours.items()):
+            bad = sorted(n for n in shard.keys() ^ ours.keys()) or \
+                sorted(n for n in ours if shard[n].shape != ours[n].shape)
+            raise ValueError(f"not {self.name}'s rank {self.rank} weights ({self.layout}): they differ in {bad[:4]}")
+        with torch.no_grad():
+            for n, p in ours.items():
+                p.copy_(shard[n])
+
+    def _token_logprobs(self, module, batch, with_entropy):
+        """Log-probs (and entropy) of the response tokens from this rank's vocabulary shard of the
+        logits (megatron's output layer, padding columns masked), combined over tp."""
+        ids, am, pos = self._inputs(batch)
+        R, L = batch["response_mask"].shape[1], ids.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=self.device).triu(1)
+        mask = (causal[None] | ~am.bool()[:, None, :])[:, None]  # True: not attended
+        logits = module(ids, pos, mask)[:, -R - 1:-1]
+        first = self.tp_rank * logits.shape[-1]
+        padding = torch.arange(first, first + logits.shape[-1], device=self.device) >= self.layout.spec.vocab
+        if padding.any():
+            logits = logits.masked_fill(padding, float("-inf"))
+        labels = torch.where(batch["response_mask"].to(self.device).bool(), ids[:, -R:], -100)
+        out = rlhfkern.logprobs(logits.float(), labels, temperature=self.cfg.rollout.temperature,
+                                return_entropy=with_entropy, tp_group=self.tp_group if self.tp > 1 else None)
+        return out if with_entropy else (out, None)
+
+    @torch.no_grad()
+    def logprobs(self, batch, with_entropy=False):
+        out = self._no_grad_logprobs(batch, with_entropy)  # every tp rank takes part
+        return out if self.tp_rank == 0 else None
+
+    def _clip_grads(self, clip):
+        """Gradients averaged over dp, then the global norm over the whole model: the squares of
+        tp-sharded tensors summed over the tp ranks, replicated ones (norm weights) counted once."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.world > 1:
+            for p in params:
+                dist.all_reduce(p.grad, group=self.group)
+                p.grad /= self.world
+        sharded = sum((p.grad.float() ** 2).sum() for p in params if getattr(p, "tensor_model_parallel", False))
+        replicated = sum((p.grad.float() ** 2).sum() for p in params if not getattr(p, "tensor_model_parallel", False))
+        total = torch.as_tensor(sharded + (replicated if self.tp_rank == 0 else 0.0), dtype=torch.float32)
+        if self.tp > 1:
+            dist.all_reduce(total, group=self.tp_group)
+        norm = total.sqrt()
+        scale = (clip / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for p in params:
+            p.grad.mul_(scale.to(p.grad.dtype))
+        return norm
+
+    def named_tensors(self):
+        """Megatron-named parameters (the layout rlhfkern.reshard.MegatronLayout describes)."""
+        return dict(self.model.named_parameters())
+
+    def save(self, path, optimizer=True):
+        """This rank's tensors in its own sharded layout (megatron.pt), and the optimizer state."""
+        os.makedirs(path, exist_ok=True)
+        torch.save({n: p.detach().cpu() for n, p in self.model.named_parameters()}, os.path.join(path, "megatron.pt"))
+        if optimizer and self.optimizer is not None:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       os.path.join(path, "optimizer.pt"))
+        return True
+
+    def load_weights(self, path, missing_ok=()):
+        """A rank folder this backend saved (megatron.pt), or an HF folder (sharded here)."""
+        if os.path.exists(os.path.join(path, "megatron.pt")):
+            self._copy_in(torch.load(os.path.join(path, "megatron.pt"), map_location=self.device))
+            return True
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(path, "model.safetensors"))
+        if self.layout.spec.tied and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        try:
+            shard = self.layout.shard(state)[self.rank % self.layout.world]
+        except KeyError as e:
+            raise ValueError(f"{path} does not hold {self.name}'s weights: no {e}") from None
+        self._copy_in(shard)
+        return True
+
+    def generate(self, prompts, seed, greedy=False):
+        raise NotImplementedError("backend megatron trains and scores; the rollout runs backend hf")
+
+
+BACKENDS = {"hf": HFBackend, "megatron": MegatronBackend}
 
 
 # the backend methods of a step's phases, whose peak memory the workers measure on request
@@ -603,8 +741,7 @@ class ModelWorker:
             device = f"cuda:{torch.cuda.current_device()}"
         for name in self.models:
             mc = self.cfg.model(name)
-            self.backends[name] = BACKENDS[mc.backend](self.cfg, name, self.rank, mc.world, device,
-                                                       self.groups.get(("model", name)))
+            self.backends[name] = BACKENDS[mc.backend](self.cfg, name, self.rank, mc.world, device, self.groups)
         return True
 
     def rng_state(self):

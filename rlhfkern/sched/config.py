@@ -77,7 +77,8 @@ class _Placed(_Strict):
 
     model: ModelSource | None = Field(None, description="null for rollout/reference/value/reward models: the "
                                       "policy's source")
-    backend: Literal["hf"] = Field("hf", description="hf: transformers model, torch DDP over dp")
+    backend: Literal["hf", "megatron"] = Field("hf", description="hf: transformers model, torch DDP over dp; "
+                                               "megatron: megatron-core GPTModel, tp and dp (policy, reference)")
     tp: PositiveInt = 1
     pp: PositiveInt = 1
     dp: PositiveInt = 1
@@ -357,6 +358,14 @@ class EngineConfig(_Strict):
                 problems.append((f"{key}.devices", f"tp*pp*dp = {mc.tp}*{mc.pp}*{mc.dp} = {mc.world} != devices {mc.devices}"))
             if mc.backend == "hf" and (mc.tp > 1 or mc.pp > 1):
                 problems.append((f"{key}.tp" if mc.tp > 1 else f"{key}.pp", "backend hf runs tp=1, pp=1 (data parallel only)"))
+            if mc.backend == "megatron":
+                if name not in ("policy", "reference"):
+                    problems.append((f"{key}.backend", "backend megatron runs the policy trainer and the reference "
+                                     "(the rollout, value and reward models run backend hf)"))
+                if mc.pp > 1:
+                    problems.append((f"{key}.pp", "backend megatron runs pp=1 for now (tp and dp)"))
+                if name == "policy" and ("sft" in self.stages or "rm" in self.stages):
+                    problems.append(("stages", "the sft and rm stages run on backend hf models"))
             try:
                 heads = getattr(self.hf_config(name), "num_attention_heads", None)
             except Exception as e:  # a bad hf_config / path: the loader's own message

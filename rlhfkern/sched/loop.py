@@ -208,6 +208,14 @@ class Engine:
         nccl = "nccl" if self.device == "cuda" else "gloo"
         groups = [(("model", n), [s.worker for s in pl.slots[n]], nccl)
                   for n in self.cfg.model_names() if self.cfg.model(n).world > 1]
+        for n in self.cfg.model_names():  # megatron: its tp, pp and dp groups (every one, in the same order)
+            mc = self.cfg.model(n)
+            if mc.backend == "megatron":
+                from .megatron import rank_groups
+
+                workers = [s.worker for s in pl.slots[n]]
+                groups += [(("model", n, kind), [workers[r] for r in ranks], nccl)
+                           for kind, lists in rank_groups(mc.tp, mc.pp, mc.dp).items() for ranks in lists]
         self.colocated_sync = self.cfg.colocated("policy", "rollout")
         if not self.colocated_sync:  # trainer ranks, then rollout ranks (the Resharder's order)
             groups.append(("sync", [s.worker for s in pl.slots["policy"] + pl.slots["rollout"]], nccl))
@@ -234,11 +242,13 @@ class Engine:
         return compare(estimate(self.cfg, self.device), measured)
 
     def _plan(self):
-        from ..reshard import HFLayout, ModelSpec, ReplicatedLayout, plan_reshard
+        from ..reshard import HFLayout, MegatronLayout, ModelSpec, ReplicatedLayout, plan_reshard
 
         spec = ModelSpec.from_hf_config(self.cfg.hf_config("policy"))
         m = self.cfg.models
-        return plan_reshard(ReplicatedLayout(HFLayout(spec), m.policy.world), ReplicatedLayout(HFLayout(spec), m.rollout.world),
+        p = m.policy
+        src = MegatronLayout(spec, p.tp, p.pp) if p.backend == "megatron" else HFLayout(spec)
+        return plan_reshard(ReplicatedLayout(src, p.dp), ReplicatedLayout(HFLayout(spec), m.rollout.world),
                             colocated=self.colocated_sync, dtype=getattr(torch, m.policy.dtype))
 
     def shutdown(self):
@@ -254,15 +264,22 @@ class Engine:
         return self.ranks[name]
 
     def _scatter(self, name, method, batch, *args):
-        """Calls `method` on every rank of `name` with its shard of `batch`; futures."""
-        ranks = self._ranks(name)
-        return [r.call(method, shard, *args) for r, shard in zip(ranks, _split(batch, len(ranks)))]
+        """Calls `method` on every rank of `name` with its dp replica's shard of `batch` (the tp x
+        pp ranks of a replica take the same one); futures."""
+        ranks, mc = self._ranks(name), self.cfg.model(name)
+        shards = _split(batch, mc.dp)
+        return [r.call(method, shards[i // (mc.tp * mc.pp)], *args) for i, r in enumerate(ranks)]
 
     def _gather(self, futures):
         """The ranks' results as one: tensors/lists concatenated (tuples element-wise), metric
-        dicts averaged. A non-finite loss on a rank becomes a TrainingError naming the step."""
+        dicts averaged; a rank's None (a megatron tp rank past the first) is left out. A non-finite
+        loss on a rank becomes a TrainingError naming the step."""
         try:
-            out = [from_wire(o) for o in ray.get(futures)]
+            done, pending = {}, list(futures)
+            while pending:  # in completion order: a rank that failed stops the wait at once (its
+                ready, pending = ray.wait(pending, num_returns=1)  # peers may wait on it forever)
+                done[ready[0]] = ray.get(ready[0])
+            out = [from_wire(done[f]) for f in futures if done[f] is not None]
         except ray.exceptions.RayTaskError as e:
             if isinstance(getattr(e, "cause", None), NonFiniteLoss):
                 raise TrainingError(str(e.cause)) from None
@@ -655,8 +672,8 @@ class Engine:
         """What a checkpoint must match to be loaded: the worker count, each trainer's parallel
         shape and dtype."""
         return {"workers": len(self.placement.workers),
-                **{n: {"tp": self.cfg.model(n).tp, "pp": self.cfg.model(n).pp, "dp": self.cfg.model(n).dp,
-                       "dtype": self.cfg.model(n).dtype} for n in self._trainers()}}
+                **{n: {"backend": self.cfg.model(n).backend, "tp": self.cfg.model(n).tp, "pp": self.cfg.model(n).pp,
+                       "dp": self.cfg.model(n).dp, "dtype": self.cfg.model(n).dtype} for n in self._trainers()}}
 
     def save(self, path):
         """A checkpoint at `path`: each trainer rank's model and optimizer under

@@ -1,0 +1,71 @@
+"""The megatron-core trainer backend (`backend: megatron`): a GPTModel per rank, tensor and data
+parallel over the engine's own process groups.
+
+The model is megatron-core 0.16.1's GPTModel (local layer spec: RMSNorm, SwiGLU, rotary, grouped
+query attention) built from the model's HF config with the names and shapes of
+`rlhfkern.reshard.MegatronLayout`, and given its weights through `MegatronLayout.shard` of the
+HF weights (so a megatron trainer starts from exactly the weights an hf trainer would). Its
+process groups are the engine's (passed in a ProcessGroupCollection, not megatron's global
+parallel_state), so a megatron model is one model among the engine's others. Ranks: tp fastest,
+then pp, then dp (MegatronLayout's numbering inside a replica, ReplicatedLayout's across them).
+
+The policy's log-probs and entropy come from the vocab-parallel output layer: each tp rank's
+logits cover its vocabulary shard (padding columns masked), and `rlhfkern.logprobs(...,
+tp_group=...)` combines them with two all-reduces; the [tokens, vocab] logits are never
+gathered.
+"""
+
+import contextlib
+
+import torch
+
+
+def cpu_redirects(device):
+    """What megatron-core needs in a process before its first forward. Its one process-global
+    buffer (attention's scratch), and on a machine without CUDA (tensors on the CPU) the two
+    CUDA-only calls its forward makes: torch.cuda.current_device() (answered with the CPU) and
+    the CUDA RNG tracker's fork for dropout (a no-op: dropout is 0 in PPO training). Everything
+    else runs as megatron wrote it."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+    if device.type == "cpu":
+        torch.cuda.current_device = lambda: "cpu"
+        megatron_random.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+
+
+def rank_groups(tp, pp, dp):
+    """The model-rank lists of the tp, pp and dp groups of a tp x pp x dp model."""
+    rank = lambda d, p, t: (d * pp + p) * tp + t  # noqa: E731
+    return {"tp": [[rank(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)],
+            "pp": [[rank(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)],
+            "dp": [[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)]}
+
+
+def build_gpt(hf_config, layout, tp_group, pp_group, dtype):
+    """megatron-core's GPTModel for one rank of `layout` (a MegatronLayout), on the CPU."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer import TransformerConfig
+
+    spec = layout.spec
+    tc = TransformerConfig(num_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
+                           num_query_groups=spec.kv_heads, ffn_hidden_size=spec.ffn, kv_channels=spec.head_dim,
+                           use_cpu_initialization=True, normalization="RMSNorm", gated_linear_unit=True,
+                           activation_func=F.silu, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
+                           qk_layernorm=spec.qk_norm, hidden_dropout=0.0, attention_dropout=0.0,
+                           layernorm_epsilon=hf_config.rms_norm_eps, tensor_model_parallel_size=layout.tp,
+                           pipeline_model_parallel_size=layout.pp, pipeline_dtype=dtype, params_dtype=dtype,
+                           bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+    # no context parallelism: its group is this rank alone, as the pp group is while pp is 1
+    groups = ProcessGroupCollection(tp=tp_group, pp=pp_group, cp=pp_group, embd=tp_group, pos_embd=tp_group,
+                                    tp_cp=tp_group, mp=tp_group)
+    theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta") or getattr(hf_config, "rope_theta", 10000)
+    return GPTModel(tc, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm),
+                    vocab_size=layout.padded_vocab, max_sequence_length=hf_config.max_position_embeddings,
+                    share_embeddings_and_output_weights=spec.tied, position_embedding_type="rope",
+                    rotary_base=int(theta), pre_process=True, post_process=True, pg_collection=groups)
