@@ -91,6 +91,22 @@ PLAN_CASES = [(name, a, b, c) for name, cfg in configs().items() for a, b, c in 
               if fits(ModelSpec.from_hf_config(cfg), a, c)]
 
 
+@pytest.mark.parametrize("name,tp,pp", [("qwen2-bias", 2, 1), ("llama-gqa", 2, 2), ("qwen3-qknorm", 1, 1)])
+def test_plan_megatron_to_hf(name, tp, pp):
+    """Megatron shards back into whole HF tensors (the engine's megatron trainer -> hf rollout
+    sync): row-parallel tensors (o_proj, down_proj, split along their inputs) and the rest."""
+    config = configs()[name]
+    spec = ModelSpec.from_hf_config(config)
+    sd = {k: v.detach() for k, v in hf_model(config).named_parameters()}
+    src, dst = MegatronLayout(spec, tp, pp), HFLayout(spec)
+    plan = plan_reshard(src, dst, dtype=sd["model.norm.weight"].dtype)
+    assert plan.verify()
+    out = apply(plan, src.shard(sd))
+    assert out[0].keys() == dst.params(0).keys()
+    for n, t in out[0].items():
+        assert torch.equal(t, sd[n] if n in sd else sd["model.embed_tokens.weight"]), n
+
+
 @pytest.mark.parametrize("name,a,b,c", PLAN_CASES)
 def test_plan_megatron_to_vllm(name, a, b, c):
     config = configs()[name]

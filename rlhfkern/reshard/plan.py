@@ -40,9 +40,9 @@ def _per_index(shape, axis):
 
 
 class Plan:
-    def __init__(self, src, dst, colocated, transfers, dtype):
+    def __init__(self, src, dst, colocated, transfers, dtype, dst_params=None):
         self.src, self.dst, self.colocated, self.transfers, self.dtype = src, dst, colocated, transfers, dtype
-        self.dst_params = {r: dst.params(r) for r in range(dst.world)}
+        self.dst_params = dst_params or {r: dst.params(r) for r in range(dst.world)}
         self.src_params = {r: src.params(r) for r in range(src.world)}
 
     def prepare_destinations(self, dst_tensors, dtype=None):
@@ -183,10 +183,11 @@ def plan_reshard(src_layout, dst_layout, *, colocated=False, dtype=torch.bfloat1
                 index[(pc.hf, pc.axis)].append((r, name, pc))
     sent = collections.Counter()  # elements sent per source rank
     groups = {}  # (src_rank, name, src_offset, length) -> Transfer
-    for dr in range(dst_layout.world):
-        for dname, dp in dst_layout.params(dr).items():
+    dst_params = {r: {name: dataclasses.replace(p, pieces=[_along_sources(pc, index, shapes) for pc in p.pieces])
+                      for name, p in dst_layout.params(r).items()} for r in range(dst_layout.world)}
+    for dr, params in dst_params.items():
+        for dname, dp in params.items():
             for dpc in dp.pieces:
-                dpc = _along_sources(dpc, index, shapes)
                 cands = [(r, n, pc) for r, n, pc in index[(dpc.hf, dpc.axis)] if pc.start < dpc.stop and dpc.start < pc.stop]
                 cuts = sorted({dpc.start, dpc.stop} | {max(pc.start, dpc.start) for _, _, pc in cands}
                               | {min(pc.stop, dpc.stop) for _, _, pc in cands})
@@ -209,7 +210,7 @@ def plan_reshard(src_layout, dst_layout, *, colocated=False, dtype=torch.bfloat1
                     if key not in groups:
                         groups[key] = Transfer(r, n, dpc.axis, key[2], b - a, dpc.hf, a, per, [])
                     groups[key].dsts.append((dr, dname, dpc.offset + a - dpc.start))
-    return Plan(src_layout, dst_layout, colocated, list(groups.values()), dtype)
+    return Plan(src_layout, dst_layout, colocated, list(groups.values()), dtype, dst_params)
 
 
 def apply(plan, src_shards, out=None):

@@ -1,0 +1,156 @@
+"""The megatron-core trainer backend (backend: megatron) against the hf one: the same log-probs
+and the same PPO step (weights unsharded through the reshard plan), in one process (gloo, tp 1)
+and in the engine on Ray (tp 2, policy and reference), its sharded checkpoints resuming bitwise,
+and the configs it refuses."""
+
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import need  # noqa: E402
+
+need("pydantic", "yaml", "transformers", "ray", extra="ray")
+need("megatron.core", extra="megatron")
+
+from rlhfkern.reshard import HFLayout, apply, plan_reshard
+from rlhfkern.sched import tasks
+from rlhfkern.sched.actors import HFBackend, MegatronBackend, sequence_batch
+from rlhfkern.sched.config import ConfigError, default_config_path, load_config
+from rlhfkern.sched.loop import Engine
+
+GRPO = default_config_path().replace("default.yaml", "grpo_reverse.yaml")
+QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.plot=false"]
+SHORT = ["train.prompts_per_step=8", "rollout.samples_per_prompt=4", "train.minibatch_sequences=16",
+         "data.eval_prompts=32", "train.eval_every_steps=0"]
+TIMING = ("seconds", "tokens_per_second")
+TP2 = ["models.policy.backend=megatron", "models.policy.tp=2", "models.reference.backend=megatron",
+       "models.reference.tp=2", "placement.devices_per_node=2", "placement.colocate=[[policy, reference, rollout]]"]
+
+
+@pytest.fixture
+def gloo(monkeypatch, tmp_path):
+    """This process as a gloo world of one (the engine's workers are gloo worlds too), undone
+    afterwards with megatron's CPU redirects (megatron.cpu_redirects patches torch.cuda)."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    monkeypatch.setattr(torch.cuda, "current_device", torch.cuda.current_device)  # restored at teardown
+    tracker = megatron_random.get_cuda_rng_tracker()
+    monkeypatch.setattr(tracker, "fork", tracker.fork)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'gloo'}", rank=0, world_size=1)
+    group = dist.new_group([0])
+    yield {("model", "policy", kind): group for kind in ("tp", "pp", "dp")}
+    dist.destroy_process_group()
+
+
+def unsharded(backend):
+    """A megatron backend's weights in the HF layout (through the reshard plan)."""
+    plan = plan_reshard(backend.layout, HFLayout(backend.layout.spec), dtype=torch.float32)
+    shapes = backend.layout.spec.hf_shapes()
+    out = {0: {n: torch.zeros(s) for n, s in shapes.items()}}
+    apply(plan, {0: {n: t.detach() for n, t in backend.named_tensors().items()}}, out=out)
+    return out[0]
+
+
+def test_megatron_step_equals_the_hf_step(gloo):
+    """Sampled responses (PAD inside some of them, right padding), two minibatches, gradient
+    clipping on: the same log-probs before the step, the same metrics and weights after it."""
+    hf = HFBackend(load_config(GRPO, []), "policy", 0, 1, "cpu", {})
+    mg = MegatronBackend(load_config(GRPO, ["models.policy.backend=megatron"]), "policy", 0, 1, "cpu", gloo)
+    assert all(torch.equal(unsharded(mg)[n], p) for n, p in hf.named_tensors().items())
+    prompts = tasks.DigitTask("reverse", 3, 3, 10, 0).train_prompts(16, random.Random(1))
+    responses, mask, _ = hf.generate(prompts, seed=5)
+    assert (mask.sum(1) < mask.shape[1]).any() and (responses[mask.bool()] == tasks.PAD).any()
+    batch = sequence_batch(prompts, responses, mask)
+    batch["advantages"] = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
+    batch["ref_log_prob"] = torch.full(mask.shape, -2.0)
+    before_hf, before_mg = hf.logprobs(batch)[0], mg.logprobs(batch)[0]
+    torch.testing.assert_close(before_mg, before_hf, rtol=0, atol=1e-5)
+    metrics_hf, metrics_mg = hf.train_policy(batch, 1, 8, 1), mg.train_policy(batch, 1, 8, 1)
+    assert metrics_hf.keys() == metrics_mg.keys()
+    for k in metrics_hf:
+        assert metrics_mg[k] == pytest.approx(metrics_hf[k], rel=1e-5, abs=1e-6), k
+    after = unsharded(mg)
+    for n, p in hf.named_tensors().items():
+        torch.testing.assert_close(after[n], p.detach(), rtol=0, atol=1e-5, msg=n)
+
+
+def engine(tmp_path, *overrides):
+    return Engine(load_config(GRPO, [f"logging.run_dir={tmp_path}", *QUIET, *SHORT, *overrides]))
+
+
+def first_step(e):
+    """Step 0's policy log-probs of a generated batch, then one step: (log-probs, metrics, rollout weights)."""
+    e.start()
+    prompts = e._prompts()
+    responses, mask, _ = e._gather(e._generate(prompts, 3)[0])
+    lp, _ = e._gather(e._scatter("policy", "logprobs", e._make_batch(prompts, responses, mask), False))
+    e.old_log_prob_from_rollout = False  # both trainers compute them (hf would take the rollout's)
+    e.learn(1)
+    return lp, {k: v for k, v in e.history[-1].items() if k not in TIMING}, e.weights("rollout")
+
+
+def test_megatron_tp2_in_the_engine_equals_hf(ray_gpus, tmp_path):
+    """Policy and reference on megatron tp 2 (the rollout hf, synced through the plan from
+    megatron's layout): step 0's log-probs and the first step's metrics and weights equal an
+    hf run's."""
+    hf = engine(tmp_path / "hf")
+    try:
+        lp_hf, m_hf, w_hf = first_step(hf)
+    finally:
+        hf.shutdown()
+    mg = engine(tmp_path / "mg", *TP2)
+    try:
+        lp_mg, m_mg, w_mg = first_step(mg)
+    finally:
+        mg.shutdown()
+    torch.testing.assert_close(lp_mg, lp_hf, rtol=0, atol=1e-5)
+    assert m_mg.keys() == m_hf.keys()
+    for k, v in m_hf.items():
+        assert m_mg[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    for n, t in w_hf.items():
+        torch.testing.assert_close(w_mg[n], t, rtol=0, atol=1e-5, msg=n)
+
+
+def test_megatron_checkpoints_resume_bitwise(ray_gpus, tmp_path):
+    """Each tp rank saves its own shard (megatron.pt, optimizer.pt); a fresh engine resumed from
+    step 1 repeats step 2 bitwise."""
+    ckpt = [f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every_steps=1"]
+    e = engine(tmp_path / "a", *TP2, *ckpt)
+    try:
+        e.learn(2)
+        full = [{k: v for k, v in m.items() if k not in TIMING} for m in e.history]
+        final = e.weights("rollout")
+    finally:
+        e.shutdown()
+    assert sorted(os.listdir(tmp_path / "ckpt" / "step_1" / "policy")) == ["rank_0", "rank_1"]
+    assert sorted(os.listdir(tmp_path / "ckpt" / "step_1" / "policy" / "rank_1")) == ["megatron.pt", "optimizer.pt"]
+    r = engine(tmp_path / "b", *TP2)
+    try:
+        r.resume(str(tmp_path / "ckpt" / "step_1"))
+        r.learn(1)
+        assert [{k: v for k, v in m.items() if k not in TIMING} for m in r.history] == full[1:]
+        assert all(torch.equal(t, final[n]) for n, t in r.weights("rollout").items())
+    finally:
+        r.shutdown()
+    hf = engine(tmp_path / "c", "placement.devices_per_node=2")
+    try:
+        with pytest.raises(ValueError, match="'backend': 'megatron'"):
+            hf.resume(str(tmp_path / "ckpt" / "step_1"))
+    finally:
+        hf.shutdown()
+
+
+@pytest.mark.parametrize("override,key,message", [
+    ("models.rollout.backend=megatron", "models.rollout.backend", "runs the policy trainer and the reference"),
+    ("models.policy.pp=2", "models.policy.pp", "pp=1 for now"),
+    ("models.policy.tp=3", "models.policy.tp", "does not divide the 4 attention heads"),
+])
+def test_megatron_configs_it_refuses(override, key, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(GRPO, ["models.policy.backend=megatron", "placement.devices_per_node=4", override])
+    assert any(k == key and message in m for k, m in e.value.problems), e.value.problems
+    with pytest.raises(ConfigError, match="the sft and rm stages run on backend hf"):
+        load_config(default_config_path(), ["models.policy.backend=megatron"])
