@@ -55,6 +55,8 @@ def test_same_seed_same_metrics_and_colocated_equals_separate(ray_gpus, tmp_path
     _, again = run(tmp_path / "b", "grpo_reverse.yaml", 3, *SHORT)
     _, separate = run(tmp_path / "c", "grpo_reverse.yaml", 3, *SHORT, *SEPARATE)
     assert len(first) == 3 and first[0]["actor/loss"] != 0
+    # the trainer agrees with the rollout's log-probs of its samples (fp32, right after a sync)
+    assert all(0 <= m["rollout/logprob_diff_max"] < 1e-5 for m in first)
     assert first == again
     assert first == separate
 
@@ -149,6 +151,8 @@ def test_off_policy_overlap_runs_with_one_step_stale_rollout(ray_gpus, tmp_path)
     assert all(math.isfinite(m["actor/loss"]) for m in history)
     # step 1 samples the initial policy; each later batch was generated while the step before trained
     assert [m["rollout/policy_lag"] for m in history] == [0, 1, 1]
+    # the trainer sees the stale samples' log-probs move: the agreement metric shows the lag
+    assert history[0]["rollout/logprob_diff_max"] < 1e-5 < history[1]["rollout/logprob_diff_max"]
     _, on_policy = run(tmp_path / "on", "grpo_reverse.yaml", 3, *SHORT, *SEPARATE)
     assert [m["rollout/policy_lag"] for m in on_policy] == [0, 0, 0]
     assert history[0] == on_policy[0]  # the same first step

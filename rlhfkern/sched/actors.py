@@ -421,21 +421,35 @@ class HFBackend:
         """PPO epochs over minibatches. The old log-probs (the policy before this update) are
         batch["old_log_prob"] when given (the loop passes the rollout's, when it sampled with
         these weights), else computed here: the first minibatch's by its own first forward (no
-        update has happened yet), the others' by one no-grad pass before it."""
+        update has happened yet), the others' by one no-grad pass before it.
+
+        With batch["rollout_log_prob"] (the rollout's log-probs of its samples), the agreement of
+        the trainer with the rollout: |trainer - rollout| over the response tokens whose
+        pre-update log-probs the trainer computed (all, or the first minibatch's when it was
+        given its old log-probs), mean and max over the dp ranks (rollout/logprob_diff_*)."""
         a = self.cfg.algorithm
         sums = {}
         old = batch.get("old_log_prob")
+        fresh = torch.zeros(batch["response_mask"].shape, dtype=torch.bool)  # rows the trainer computed pre-update
         if old is None:
             old = torch.empty(batch["response_mask"].shape, dtype=torch.float32)
+            fresh[:] = True
             if old.shape[0] > minibatch:
                 rest = {key: v[minibatch:] for key, v in batch.items()}
                 old[minibatch:] = self._no_grad_logprobs(rest)[0]
+        agreement = {}
         for epoch, k, mb in self._minibatches(batch, minibatch, epochs):
             use_entropy = a.entropy_coeff != 0
             lp, ent = self._token_logprobs(self.ddp, mb, with_entropy=True)
             rows = slice(k * minibatch, (k + 1) * minibatch)
-            if epoch == 0 and k == 0 and "old_log_prob" not in batch:
-                old[rows] = lp.detach().cpu()
+            if epoch == 0 and k == 0:
+                if "old_log_prob" not in batch:
+                    old[rows] = lp.detach().cpu()
+                if "rollout_log_prob" in batch:
+                    mine = old.clone()
+                    mine[rows] = lp.detach().cpu()
+                    fresh[rows] = True
+                    agreement = self._agreement(mine, batch["rollout_log_prob"], batch["response_mask"].bool() & fresh)
             mask = mb["response_mask"].to(self.device)
             ref = mb["ref_log_prob"].to(self.device) if a.kl_coef > 0 else None
             loss, metrics = rlhfkern.actor_loss(
@@ -447,7 +461,18 @@ class HFBackend:
             norm = self._step(loss, step, epoch, k)
             _accumulate(sums, {"loss": loss, "grad_norm": norm, **metrics,
                                "entropy": (ent.detach() * mask).sum() / mask.sum().clamp(min=1)})
-        return {f"actor/{k}": v for k, v in _means(sums).items()} | {"actor/lr": self.scheduler.get_last_lr()[0]}
+        return ({f"actor/{k}": v for k, v in _means(sums).items()} | {"actor/lr": self.scheduler.get_last_lr()[0]}
+                | agreement)
+
+    def _agreement(self, trainer, rollout, where):
+        """{rollout/logprob_diff_mean, _max}: |trainer - rollout| log-probs over `where`, all dp ranks."""
+        diff = (trainer - rollout).abs()[where].to(torch.float64)
+        stats = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=torch.float64)])
+        top = diff.max() if diff.numel() else torch.zeros((), dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(stats, group=self.group)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        return {"rollout/logprob_diff_mean": float(stats[0] / stats[1].clamp(min=1)), "rollout/logprob_diff_max": float(top)}
 
     def train_value(self, batch, step, minibatch, epochs):
         a = self.cfg.algorithm

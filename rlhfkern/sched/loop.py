@@ -446,6 +446,7 @@ class Engine:
             self._advantages(batch, scores)
         if self.old_log_prob_from_rollout and version == self.step:  # sampled with the weights about to train
             batch["old_log_prob"] = rollout_log_prob  # (else the trainer computes them in its train call)
+        batch["rollout_log_prob"] = rollout_log_prob  # the trainer reports how far its own are from them
         metrics = {}
         with self._phase("train", {"policy", "value"}):
             trainers = [n for n in ("policy", "value") if getattr(c.models, n) is not None]
