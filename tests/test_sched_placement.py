@@ -201,3 +201,4 @@ def test_plan_text_names_every_model_rank_and_phase():
         for phase in estimate(cfg).schedule:
             assert re.search(rf"^\s+{phase}\s", text, re.M), phase
         assert "rules copy (host)" in text and re.search(r"B\*", text) and "fits: max" in text
+        assert re.search(r"weight sync each step .*\n.*transfers\n  dst rank 0: receives [0-9.]+ MiB \(lower bound", text)

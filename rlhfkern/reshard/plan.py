@@ -133,7 +133,7 @@ class Plan:
         for r in sorted(st["bytes_received"]):
             b, lb, bc = st["bytes_received"][r], st["lower_bound"][r], st["broadcast_bytes"][r]
             lines.append(f"  dst rank {r}: receives {b / 2**20:.2f} MiB (lower bound {lb / 2**20:.2f} MiB), "
-                         f"a full-tensor broadcast sends {bc / 2**20:.2f} MiB ({bc / max(b, 1):.1f}x)")
+                         f"a full-tensor broadcast sends {bc / 2**20:.2f} MiB" + (f" ({bc / b:.1f}x)" if b else ""))
         return "\n".join(lines)
 
 

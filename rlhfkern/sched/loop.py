@@ -40,7 +40,7 @@ from .data import TextCodec, read_jsonl, write_jsonl
 from .actors import ModelWorker, NonFiniteLoss, from_wire, sequence_batch, to_wire
 from .config import EngineConfig, load_callable, load_config
 from .memory import check_memory, estimate, resolve_device
-from .placement import Placement
+from .placement import Placement, sync_plan
 
 PHASES = ("sft", "rm", "generate", "reward", "logprobs", "values", "advantages", "train", "sync", "eval")
 
@@ -221,7 +221,7 @@ class Engine:
             groups.append(("sync", [s.worker for s in pl.slots["policy"] + pl.slots["rollout"]], nccl))
         init = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
         ray.get([w.init_groups.remote(init, i, len(self.workers), groups) for i, w in enumerate(self.workers)])
-        plan = self._plan()
+        plan = sync_plan(self.cfg)
         plan_ref = ray.put(plan)
         sync_workers = {s.worker for n in ("policy", "rollout") for s in pl.slots[n]}
         ray.get([self.workers[i].set_sync_plan.remote(plan_ref) for i in sorted(sync_workers)])
@@ -240,16 +240,6 @@ class Engine:
         peaks = ray.get([w.measured_peaks.remote() for w in self.workers])
         measured = {(w.pool, w.bundle): p or {} for w, p in zip(self.placement.workers, peaks)}
         return compare(estimate(self.cfg, self.device), measured)
-
-    def _plan(self):
-        from ..reshard import HFLayout, MegatronLayout, ModelSpec, ReplicatedLayout, plan_reshard
-
-        spec = ModelSpec.from_hf_config(self.cfg.hf_config("policy"))
-        m = self.cfg.models
-        p = m.policy
-        src = MegatronLayout(spec, p.tp, p.pp) if p.backend == "megatron" else HFLayout(spec)
-        return plan_reshard(ReplicatedLayout(src, p.dp), ReplicatedLayout(HFLayout(spec), m.rollout.world),
-                            colocated=self.colocated_sync, dtype=getattr(torch, m.policy.dtype))
 
     def shutdown(self):
         if self.workers:

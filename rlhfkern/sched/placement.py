@@ -142,6 +142,8 @@ class Placement:
         lines += ["", f"step ({memory.seq} tokens per sequence; sequences per rank in brackets):"]
         lines += _schedule_lines(cfg, memory)
         lines += ["", *_memory_lines(memory)]
+        lines += ["", "weight sync each step (policy -> rollout, rlhfkern.reshard; lower bound: the bytes a rank "
+                  "must receive that its process does not hold):", "  " + sync_plan(cfg).summary()]
         return "\n".join(lines)
 
 
@@ -194,6 +196,21 @@ def _memory_lines(memory):
     return [f"estimated peak memory per device and phase (* = the max; device memory {fmt_bytes(limit)}):",
             fmt(head), *map(fmt, rows),
             f"{verdict}: max {fmt_bytes(top)} on {top_dev.name} in {top_phase} = " + " + ".join(terms)]
+
+
+def sync_plan(cfg):
+    """The rlhfkern.reshard plan of every policy -> rollout weight sync: from the trainer's layout
+    (HF, or megatron's tp x pp shards; dp replicas) to the rollout's (HF, its dp replicas),
+    computed once; colocated when the two share a colocation group."""
+    import torch
+
+    from ..reshard import HFLayout, MegatronLayout, ModelSpec, ReplicatedLayout, plan_reshard
+
+    spec = ModelSpec.from_hf_config(cfg.hf_config("policy"))
+    p, r = cfg.models.policy, cfg.model("rollout")
+    src = MegatronLayout(spec, p.tp, p.pp) if p.backend == "megatron" else HFLayout(spec)
+    return plan_reshard(ReplicatedLayout(src, p.dp), ReplicatedLayout(HFLayout(spec), r.world),
+                        colocated=cfg.colocated("policy", "rollout"), dtype=getattr(torch, p.dtype))
 
 
 def plan_text(cfg, memory=None):
