@@ -12,12 +12,16 @@ forwards the interface the loop calls, per model:
     train_policy(batch, step, minibatch, epochs)   old log-probs, then PPO epochs over
                                          minibatches (rlhfkern.actor_loss)
     train_value(batch, step, minibatch, epochs)    the same for the value loss (rlhfkern.value_loss)
+    train_sft(batch, step)               the sft stage's step (packed rows, response tokens)
+    train_rm(batch, step) / rm_eval(batch)   the rm stage's pairwise step / held-out accuracy
+    set_optimizer(stage) / freeze()      a fresh optimizer and LR schedule / no more training
     sync_state() / sync_load(...) / sync_run(...)    weights for the rollout (rlhfkern.reshard)
     offload() / onload()                 colocated models leave the GPU between their phases
-    save(dir) / load(dir) / memory_bytes()
+    save(dir) / load(dir) / load_weights(dir) / memory_bytes()
 
-A later backend (megatron-core trainer, vLLM rollout) implements the same methods; the loop
-never sees which one runs. A batch is a dict of CPU tensors: input_ids [B, L] (left-padded
+`MegatronBackend` (`backend: megatron`, rlhfkern.sched.megatron) implements the same methods
+for a trainer or reference (no generation); a vLLM rollout will too; the loop never sees which
+one runs. While measuring (ModelWorker.measure), each phase's peak memory is recorded. A batch is a dict of CPU tensors: input_ids [B, L] (left-padded
 prompt of P tokens, then the response of R tokens right-padded), attention_mask [B, L],
 response_mask [B, R], and per-token fields [B, R] (old_log_prob, ref_log_prob, advantages,
 values, returns) as the phase needs them.
