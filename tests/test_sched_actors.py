@@ -21,7 +21,7 @@ GRPO = default_config_path().replace("default.yaml", "grpo_reverse.yaml")  # the
 
 def backend(*overrides):
     cfg = load_config(GRPO, list(overrides))
-    return HFBackend(cfg, "rollout", 0, 1, "cpu", None)
+    return HFBackend(cfg, "rollout", 0, 1, "cpu", {})
 
 
 def prompts_of_mixed_lengths(n=24):
@@ -156,7 +156,7 @@ def test_generate_command_answers_a_prompts_file(tmp_path, capsys):
 
 def trainer(role="policy", *overrides):
     cfg = load_config(GRPO, [*overrides])
-    return HFBackend(cfg, role, 0, 1, "cpu", None)
+    return HFBackend(cfg, role, 0, 1, "cpu", {})
 
 
 def test_packed_rows_give_the_padded_batch_log_probs():

@@ -32,8 +32,8 @@ def batch_from(rollout, prompts):
 
 def test_hf_backend_on_cuda_generates_trains_offloads_and_syncs():
     c = cfg()
-    policy = HFBackend(c, "policy", 0, 1, "cuda:0", None)
-    rollout = HFBackend(c, "rollout", 0, 1, "cuda:0", None)
+    policy = HFBackend(c, "policy", 0, 1, "cuda:0", {})
+    rollout = HFBackend(c, "rollout", 0, 1, "cuda:0", {})
     prompts = [[1, 4 + d, 5, 6, 3] for d in range(8)] * 4
     batch = batch_from(rollout, prompts)
     assert batch["response_mask"].sum() > 0
@@ -70,8 +70,8 @@ def test_hf_backend_on_cuda_generates_trains_offloads_and_syncs():
 
 def test_value_backend_on_cuda_trains():
     c = cfg("algorithm.name=ppo", "models.value={optimizer: {lr: 1.0e-3}}", "placement.colocate=[[policy,rollout,reference,value]]")
-    value = HFBackend(c, "value", 0, 1, "cuda:0", None)
-    rollout = HFBackend(c, "rollout", 0, 1, "cuda:0", None)
+    value = HFBackend(c, "value", 0, 1, "cuda:0", {})
+    rollout = HFBackend(c, "rollout", 0, 1, "cuda:0", {})
     batch = batch_from(rollout, [[1, 5, 6, 7, 3]] * 16)
     v = value.values(batch)
     assert v.shape == batch["response_mask"].shape and torch.isfinite(v).all()
