@@ -104,6 +104,14 @@ def test_megatron_tp2_in_the_engine_equals_hf(ray_gpus, tmp_path):
     mg = engine(tmp_path / "mg", *TP2)
     try:
         lp_mg, m_mg, w_mg = first_step(mg)
+        import ray
+
+        from rlhfkern.sched.memory import model_memory
+
+        for name in ("policy", "reference"):  # the plan counts a tp rank's shards exactly
+            mm = model_memory(mg.cfg, name)
+            assert [ray.get(r.call("memory_bytes")) for r in mg.ranks[name]] == \
+                [{"weights": mm.weights, "gradients": mm.gradients, "optimizer": mm.optimizer}] * 2, name
     finally:
         mg.shutdown()
     torch.testing.assert_close(lp_mg, lp_hf, rtol=0, atol=1e-5)

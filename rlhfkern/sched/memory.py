@@ -48,6 +48,7 @@ Not counted: the CUDA context, allocator fragmentation, DDP's gradient buckets.
 """
 
 import dataclasses
+import math
 
 import torch
 
@@ -137,22 +138,30 @@ _MODELS = {}
 
 
 def _model_memory(cfg, name, causal_lm, trainable):
-    """Counted on the very module the actor builds (actors.build_model), on the meta device."""
+    """Counted on the very module the actor builds (actors.build_model), on the meta device; a
+    megatron model's from its rank-0 shards (rlhfkern.reshard.MegatronLayout)."""
     from .actors import build_model
 
-    dtype = cfg.model(name).dtype
-    key = (name, cfg.source(name).model_dump_json(), dtype)
+    mc = cfg.model(name)
+    dtype = mc.dtype
+    key = (name, cfg.source(name).model_dump_json(), dtype, mc.backend, mc.tp, mc.pp)
     if key in _MODELS:
         return _MODELS[key]
     model = build_model(cfg, name, 0, device="meta")
     hf = model.config
-    params = list(model.parameters())  # shared (tied) parameters once
-    weights = sum(p.numel() * p.element_size() for p in params)
+    sizes = [p.numel() for p in model.parameters()]  # shared (tied) parameters once
+    if mc.backend == "megatron":  # rank 0's shards: MegatronLayout's (tp slices, padded vocabulary)
+        from ..reshard import MegatronLayout, ModelSpec
+
+        shards = MegatronLayout(ModelSpec.from_hf_config(hf), mc.tp, mc.pp).params(0).values()
+        sizes = [math.prod(p.shape) for p in shards]
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    weights = sum(sizes) * itemsize
     heads = hf.num_attention_heads
     _MODELS[key] = ModelMemory(
-        name=name, dtype=dtype, params=sum(p.numel() for p in params), tensors=len(params),
+        name=name, dtype=dtype, params=sum(sizes), tensors=len(sizes),
         weights=weights, gradients=weights if trainable else 0,
-        optimizer=2 * weights + 4 * len(params) if trainable else 0, causal_lm=causal_lm,
+        optimizer=2 * weights + 4 * len(sizes) if trainable else 0, causal_lm=causal_lm,
         layers=hf.num_hidden_layers, hidden=hf.hidden_size, heads=heads,
         kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
