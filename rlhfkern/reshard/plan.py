@@ -68,15 +68,18 @@ class Plan:
     def verify(self):
         """Every destination element covered exactly once by a transfer (padding never), every
         source read in bounds and from the same HF elements the destination expects."""
+        shapes = self.src.spec.hf_shapes()
         cover = {(r, n): torch.zeros(p.shape[p.pieces[0].axis if p.pieces else 0], dtype=torch.int64)
                  for r, ps in self.dst_params.items() for n, p in ps.items()}
         for t in self.transfers:
             sp = self.src_params[t.src_rank][t.src_name]
             if t.src_offset < 0 or t.src_offset + t.length > sp.shape[t.axis]:
                 raise AssertionError(f"read out of bounds: {t}")
-            if not any(pc.hf == t.hf and pc.axis == t.axis and pc.start <= t.hf_start
-                       and t.hf_start + t.length <= pc.stop and pc.offset + t.hf_start - pc.start == t.src_offset
-                       for pc in sp.pieces):
+            whole = len(sp.pieces) == 1 and sp.pieces[0].hf == t.hf and tuple(sp.shape) == tuple(shapes[t.hf])
+            if not (whole and t.src_offset == t.hf_start) and not any(
+                    pc.hf == t.hf and pc.axis == t.axis and pc.start <= t.hf_start
+                    and t.hf_start + t.length <= pc.stop and pc.offset + t.hf_start - pc.start == t.src_offset
+                    for pc in sp.pieces):
                 raise AssertionError(f"source region is not {t.hf}[{t.hf_start}:+{t.length}]: {t}")
             for r, n, off in t.dsts:
                 dp = self.dst_params[r][n]
@@ -181,6 +184,10 @@ def plan_reshard(src_layout, dst_layout, *, colocated=False, dtype=torch.bfloat1
         for name, p in src_layout.params(r).items():
             for pc in p.pieces:
                 index[(pc.hf, pc.axis)].append((r, name, pc))
+                if len(p.pieces) == 1 and tuple(p.shape) == tuple(shapes[pc.hf]):  # a whole tensor (HF's) serves
+                    for axis, size in enumerate(p.shape):                    # a cut along any axis
+                        if axis != pc.axis:
+                            index[(pc.hf, axis)].append((r, name, dataclasses.replace(pc, axis=axis, start=0, stop=size)))
     sent = collections.Counter()  # elements sent per source rank
     groups = {}  # (src_rank, name, src_offset, length) -> Transfer
     dst_params = {r: {name: dataclasses.replace(p, pieces=[_along_sources(pc, index, shapes) for pc in p.pieces])

@@ -497,6 +497,13 @@ class HFBackend:
         """The HF-named parameters (the layout rlhfkern.reshard.HFLayout describes)."""
         return dict(self.model.named_parameters())
 
+    def sync_targets(self):
+        """{rollout rank: {name: tensor}}: where a colocated weight sync writes, in place."""
+        return {self.rank: self.named_tensors()}
+
+    def after_sync(self):
+        return True
+
     def offload(self):
         """Weights, gradients and optimizer state to host memory (CUDA only; a no-op on CPU)."""
         if self.device.type == "cuda" and not self.offloaded:
@@ -693,7 +700,13 @@ class MegatronBackend(HFBackend):
         raise NotImplementedError("backend megatron trains and scores; the rollout runs backend hf")
 
 
-BACKENDS = {"hf": HFBackend, "megatron": MegatronBackend}
+def _vllm_rollout(*args):
+    from .vllm import VLLMRollout  # vllm is imported only where a vllm rollout runs
+
+    return VLLMRollout(*args)
+
+
+BACKENDS = {"hf": HFBackend, "megatron": MegatronBackend, "vllm": _vllm_rollout}
 
 
 # the backend methods of a step's phases, whose peak memory the workers measure on request
@@ -841,11 +854,11 @@ class ModelWorker:
         another worker's sync_state."""
         from ..reshard import apply
 
-        here = self.backends.get("policy")
+        here, rollout = self.backends.get("policy"), self.backends["rollout"]
         shards = {s: here.named_tensors() if t is None else t for s, t in zip(src_ranks, src_shards)}
         with torch.no_grad():
-            apply(self.sync_plan, shards, out={self.rank: self.backends["rollout"].named_tensors()})
-        return True
+            apply(self.sync_plan, shards, out=rollout.sync_targets())
+        return rollout.after_sync()
 
     def sync_run(self, role):
         """Separate pools: this process's part of the Resharder over the trainer+rollout group
@@ -860,6 +873,9 @@ class ModelWorker:
         return {k: v.detach().cpu().clone() for k, v in self.backends[model].named_tensors().items()}
 
     def shutdown(self):
+        for b in self.backends.values():
+            if hasattr(b, "shutdown"):
+                b.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
         return True

@@ -216,8 +216,11 @@ class Engine:
                 workers = [s.worker for s in pl.slots[n]]
                 groups += [(("model", n, kind), [workers[r] for r in ranks], nccl)
                            for kind, lists in rank_groups(mc.tp, mc.pp, mc.dp).items() for ranks in lists]
-        self.colocated_sync = self.cfg.colocated("policy", "rollout")
-        if not self.colocated_sync:  # trainer ranks, then rollout ranks (the Resharder's order)
+        # colocated, or into a vLLM engine (whose tp workers vLLM runs): each rollout replica's
+        # leader pulls the policy's weights; else the Resharder over the trainer+rollout group
+        rc = self.cfg.model("rollout")
+        self.pull_sync = self.cfg.colocated("policy", "rollout") or rc.backend == "vllm"
+        if not self.pull_sync:  # trainer ranks, then rollout ranks (the Resharder's order)
             groups.append(("sync", [s.worker for s in pl.slots["policy"] + pl.slots["rollout"]], nccl))
         init = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
         ray.get([w.init_groups.remote(init, i, len(self.workers), groups) for i, w in enumerate(self.workers)])
@@ -225,8 +228,9 @@ class Engine:
         plan_ref = ray.put(plan)
         sync_workers = {s.worker for n in ("policy", "rollout") for s in pl.slots[n]}
         ray.get([self.workers[i].set_sync_plan.remote(plan_ref) for i in sorted(sync_workers)])
-        self.sync_sources = {i: sorted({t.src_rank for t in plan.transfers for r, _, _ in t.dsts if r == i})
-                             for i in range(self.cfg.models.rollout.world)}  # trainer ranks feeding rollout rank i
+        # the trainer ranks feeding each replica leader (its rank and, for vLLM, the replica's tp ranks)
+        self.sync_sources = {i: sorted({t.src_rank for t in plan.transfers for r, _, _ in t.dsts if r // rc.tp == i // rc.tp})
+                             for i in range(0, rc.world, rc.tp)}
         if self.cfg.placement.measure_memory:
             ray.get([w.measure.remote(True) for w in self.workers])
         self._sync(self.step)
@@ -312,7 +316,7 @@ class Engine:
     def _generate(self, prompts, seed, greedy=False):
         """Futures of (responses, mask, log-probs) per rollout rank; seeds differ per rank, not per
         topology."""
-        ranks = self._ranks("rollout")
+        ranks = self._ranks("rollout")[::self.cfg.model("rollout").tp]  # a replica's leader generates
         futures = [r.call("generate", shard, seed * 1000003 + i, greedy)
                    for i, (r, shard) in enumerate(zip(ranks, _split(prompts, len(ranks))))]
         return futures, self.rollout_version
@@ -386,20 +390,20 @@ class Engine:
         batch["advantages"] = adv
 
     def _sync(self, version):
-        """Policy trainer -> rollout weights (rlhfkern.reshard plan). Colocated: every rollout rank
-        copies, in its process, from the trainer ranks the plan names (the one in the same
-        worker directly, others through Ray's object store: shared memory on the node).
-        Separate: the Resharder over the trainer+rollout process group."""
+        """Policy trainer -> rollout weights (rlhfkern.reshard plan). Colocated, or into vLLM: every
+        rollout replica's leader writes its replica's shards in its process from the trainer
+        ranks the plan names (the one in the same worker directly, others through Ray's object
+        store: shared memory on the node). Separate hf rollout: the Resharder over the
+        trainer+rollout process group."""
         trainers, rollouts = self._ranks("policy"), self._ranks("rollout")
         with self._phase("sync", {"policy", "rollout"}):
-            if self.colocated_sync:
+            if self.pull_sync:
                 worker = {n: [s.worker for s in self.placement.slots[n]] for n in ("policy", "rollout")}
                 remote = {(i, s) for i, src in self.sync_sources.items() for s in src
                           if worker["policy"][s] != worker["rollout"][i]}
                 states = {s: trainers[s].worker.sync_state.remote() for s in sorted({s for _, s in remote})}
-                ray.get([r.worker.sync_load.remote(self.sync_sources[i],
-                                                   *[states[s] if (i, s) in remote else None for s in self.sync_sources[i]])
-                         for i, r in enumerate(rollouts)])
+                ray.get([rollouts[i].worker.sync_load.remote(src, *[states[s] if (i, s) in remote else None for s in src])
+                         for i, src in self.sync_sources.items()])
             else:
                 ray.get([r.worker.sync_run.remote("src") for r in trainers]
                         + [r.worker.sync_run.remote("dst") for r in rollouts])

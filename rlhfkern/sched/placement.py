@@ -200,16 +200,18 @@ def _memory_lines(memory):
 
 def sync_plan(cfg):
     """The rlhfkern.reshard plan of every policy -> rollout weight sync: from the trainer's layout
-    (HF, or megatron's tp x pp shards; dp replicas) to the rollout's (HF, its dp replicas),
+    (HF, or megatron's tp x pp shards; dp replicas) to the rollout's (HF, or vLLM's tp shards; its
+    dp replicas),
     computed once; colocated when the two share a colocation group."""
     import torch
 
-    from ..reshard import HFLayout, MegatronLayout, ModelSpec, ReplicatedLayout, plan_reshard
+    from ..reshard import HFLayout, MegatronLayout, ModelSpec, ReplicatedLayout, VLLMLayout, plan_reshard
 
     spec = ModelSpec.from_hf_config(cfg.hf_config("policy"))
     p, r = cfg.models.policy, cfg.model("rollout")
     src = MegatronLayout(spec, p.tp, p.pp) if p.backend == "megatron" else HFLayout(spec)
-    return plan_reshard(ReplicatedLayout(src, p.dp), ReplicatedLayout(HFLayout(spec), r.world),
+    dst = VLLMLayout(spec, r.tp) if r.backend == "vllm" else HFLayout(spec)
+    return plan_reshard(ReplicatedLayout(src, p.dp), ReplicatedLayout(dst, r.dp),
                         colocated=cfg.colocated("policy", "rollout"), dtype=getattr(torch, p.dtype))
 
 
