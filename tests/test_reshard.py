@@ -47,10 +47,15 @@ def test_spec_matches_the_hf_model(model):
     assert {k: tuple(v.shape) for k, v in sd.items()} == spec.hf_shapes()
 
 
+def megatron_fits(spec, tp):
+    """What megatron-core 0.16.1 accepts: tp | heads, and tp | KV heads or KV heads | tp."""
+    return spec.heads % tp == 0 and (spec.kv_heads % tp == 0 or tp % spec.kv_heads == 0)
+
+
 def layouts_for(spec):
-    """The layouts this model admits (Megatron needs tp | KV heads; vLLM tp | heads)."""
+    """The layouts this model admits (Megatron: megatron_fits; vLLM tp | heads)."""
     out = [HFLayout(spec), MegatronLayout(spec, 1, 2), VLLMLayout(spec, 1)]
-    out += [MegatronLayout(spec, tp, 1) for tp in (2, 4) if spec.kv_heads % tp == 0]
+    out += [MegatronLayout(spec, tp, 1) for tp in (2, 4, 8) if megatron_fits(spec, tp)]
     out += [VLLMLayout(spec, tp) for tp in (2, 4, 8) if spec.heads % tp == 0]
     return out
 
@@ -80,21 +85,40 @@ def test_vllm_padding_and_replication(model):
     assert not emb[spec.vocab:].any()  # padding rows are zero
 
 
-CASES = [(1, 1, 2), (2, 1, 4), (4, 1, 2), (2, 2, 2), (2, 1, 8)]
+def test_megatron_qkv_rows_are_the_grouped_matrix_cut_in_tp(model):
+    """linear_qkv on rank r is the r-th of tp equal row blocks of [q heads of g; k_g; v_g] over the
+    groups g, also when tp exceeds the KV heads (a block then may end inside a head)."""
+    spec, sd = model
+    nq, hd = spec.heads // spec.kv_heads, spec.head_dim
+    for tp in (1, 2, 4, 8):
+        if not megatron_fits(spec, tp):
+            continue
+        shards = MegatronLayout(spec, tp, 1).shard(sd)
+        for kind in ["weight", "bias"] if spec.qkv_bias else ["weight"]:
+            w = {x: sd[f"model.layers.1.self_attn.{x}_proj.{kind}"] for x in "qkv"}
+            grouped = torch.cat([torch.cat([w["q"][g * nq * hd:(g + 1) * nq * hd], w["k"][g * hd:(g + 1) * hd],
+                                            w["v"][g * hd:(g + 1) * hd]]) for g in range(spec.kv_heads)])
+            for r, block in enumerate(grouped.chunk(tp)):
+                assert torch.equal(shards[r][f"decoder.layers.1.self_attention.linear_qkv.{kind}"], block), (tp, r)
+
+
+CASES = [(1, 1, 2), (2, 1, 4), (4, 1, 2), (2, 2, 2), (2, 1, 8), (4, 1, 4), (8, 1, 2)]
 
 
 def fits(spec, a, c):
-    return spec.kv_heads % a == 0 and spec.heads % c == 0 and (spec.kv_heads % c == 0 or c % spec.kv_heads == 0)
+    return megatron_fits(spec, a) and spec.heads % c == 0 and (spec.kv_heads % c == 0 or c % spec.kv_heads == 0)
 
 
 PLAN_CASES = [(name, a, b, c) for name, cfg in configs().items() for a, b, c in CASES
               if fits(ModelSpec.from_hf_config(cfg), a, c)]
 
 
-@pytest.mark.parametrize("name,tp,pp", [("qwen2-bias", 2, 1), ("llama-gqa", 2, 2), ("qwen3-qknorm", 1, 1)])
+@pytest.mark.parametrize("name,tp,pp", [("qwen2-bias", 2, 1), ("llama-gqa", 2, 2), ("qwen3-qknorm", 1, 1),
+                                        ("llama-mqa-tied", 4, 1), ("qwen2-bias", 4, 2), ("llama-gqa", 8, 1)])
 def test_plan_megatron_to_hf(name, tp, pp):
     """Megatron shards back into whole HF tensors (the engine's megatron trainer -> hf rollout
-    sync): row-parallel tensors (o_proj, down_proj, split along their inputs) and the rest."""
+    sync): row-parallel tensors (o_proj, down_proj, split along their inputs) and the rest; tp up
+    to 4x the KV heads (linear_qkv blocks ending inside heads)."""
     config = configs()[name]
     spec = ModelSpec.from_hf_config(config)
     sd = {k: v.detach() for k, v in hf_model(config).named_parameters()}
@@ -151,9 +175,21 @@ def test_plan_back_and_between_vllm_sizes(model):
 
 
 def test_bad_layouts_are_refused(model):
+    """What megatron-core refuses (TransformerConfig: tp | heads, and KV heads a multiple or a
+    divisor of tp; its parallel linears: tp | the linear_qkv rows and the ffn); tp past the KV
+    heads is not refused."""
+    import dataclasses
+
     spec, _ = model
-    with pytest.raises(ValueError, match="must divide the KV heads"):
-        MegatronLayout(spec, spec.kv_heads * 2 + 1, 1)
+    with pytest.raises(ValueError, match="must divide the attention heads"):
+        MegatronLayout(spec, spec.heads + 1, 1)
+    with pytest.raises(ValueError, match=r"must divide the KV heads \(4\) or be a multiple of them"):
+        MegatronLayout(dataclasses.replace(spec, heads=12, kv_heads=4), 6, 1)
+    with pytest.raises(ValueError, match="must divide the linear_qkv rows"):
+        MegatronLayout(dataclasses.replace(spec, heads=4, kv_heads=1, head_dim=1), 4, 1)
+    with pytest.raises(ValueError, match="must divide the ffn"):
+        MegatronLayout(dataclasses.replace(spec, ffn=spec.ffn + 1), 2, 1)
+    assert MegatronLayout(spec, 2 * spec.kv_heads, 1).world == 2 * spec.kv_heads
     with pytest.raises(ValueError, match="must divide the layers"):
         MegatronLayout(spec, 1, 3)
     with pytest.raises(ValueError, match="different models"):
@@ -229,6 +265,8 @@ def _megatron_worker(rank, world, init_file, failures, tp, pp, config_name, forw
 @pytest.mark.parametrize("config_name,tp,pp,forward", [
     ("qwen2-bias", 1, 1, True), ("qwen2-bias", 2, 1, True), ("qwen3-qknorm", 2, 1, True), ("llama-mqa-tied", 1, 1, True),
     ("llama-gqa", 2, 2, False),  # names and shapes per pipeline stage (a pipelined forward needs megatron's schedules)
+    # tp past the KV heads: rank 1 of 2 holds q head 3, k and v; at tp 4 the blocks end inside heads
+    ("llama-mqa-tied", 2, 1, True), ("llama-mqa-tied", 4, 1, True), ("qwen2-bias", 4, 1, True),
 ])
 def test_megatron_layout_equals_megatron_core(tmp_path, config_name, tp, pp, forward):
     need("megatron.core", extra="megatron")
@@ -268,6 +306,8 @@ def _executor_worker(process, world, init_file, failures, name, a, b, c, bucket_
     ("qwen3-qknorm", 4, 1, 2, 1 << 16, True),  # colocated: destination i shares source i's process
     ("llama-gqa", 1, 1, 4, 1 << 14, True),  # colocated, more destinations than sources: KV replicated
     ("llama-gqa", 2, 1, 8, 1 << 15, False),  # 10 processes
+    ("llama-mqa-tied", 4, 1, 4, 4096, True),  # megatron tp 4 over 1 KV head (blocks inside heads), vLLM replicas
+    ("qwen2-bias", 4, 1, 2, 1 << 14, False),  # megatron tp 4 over 2 KV heads, with the qkv bias
 ])
 def test_executor_megatron_to_vllm(tmp_path, name, a, b, c, bucket_bytes, colocated):
     world = max(a * b, c) if colocated else a * b + c

@@ -92,16 +92,17 @@ def first_step(e):
     return lp, {k: v for k, v in e.history[-1].items() if k not in TIMING}, e.weights("rollout")
 
 
-def test_megatron_tp2_in_the_engine_equals_hf(ray_gpus, tmp_path):
+@pytest.mark.parametrize("model", [[], ["models.policy.model.hf_config.num_key_value_heads=1"]], ids=["mha", "kv1"])
+def test_megatron_tp2_in_the_engine_equals_hf(ray_gpus, tmp_path, model):
     """Policy and reference on megatron tp 2 (the rollout hf, synced through the plan from
     megatron's layout): step 0's log-probs and the first step's metrics and weights equal an
-    hf run's."""
-    hf = engine(tmp_path / "hf")
+    hf run's. kv1: one KV head, tp past it (each rank holds part of megatron's one qkv group)."""
+    hf = engine(tmp_path / "hf", *model)
     try:
         lp_hf, m_hf, w_hf = first_step(hf)
     finally:
         hf.shutdown()
-    mg = engine(tmp_path / "mg", *TP2)
+    mg = engine(tmp_path / "mg", *TP2, *model)
     try:
         lp_mg, m_mg, w_mg = first_step(mg)
         import ray
@@ -157,10 +158,16 @@ def test_megatron_checkpoints_resume_bitwise(ray_gpus, tmp_path):
     ("models.rollout.backend=megatron", "models.rollout.backend", "runs the policy trainer and the reference"),
     ("models.policy.pp=2", "models.policy.pp", "pp=1 for now"),
     ("models.policy.tp=3", "models.policy.tp", "does not divide the 4 attention heads"),
+    (["models.policy.model.hf_config.num_attention_heads=12", "models.policy.model.hf_config.hidden_size=96",
+      "models.policy.model.hf_config.num_key_value_heads=4", "models.policy.tp=6", "placement.devices_per_node=6"],
+     "models.policy.tp", "tp=6 must divide the KV heads (4) or be a multiple of them"),
 ])
 def test_megatron_configs_it_refuses(override, key, message):
+    """Refused before any actor starts, megatron-core's own rules among them (tp past the KV heads
+    is not refused: the kv1 test above)."""
+    overrides = override if isinstance(override, list) else [override]
     with pytest.raises(ConfigError) as e:
-        load_config(GRPO, ["models.policy.backend=megatron", "placement.devices_per_node=4", override])
+        load_config(GRPO, ["models.policy.backend=megatron", "placement.devices_per_node=4", *overrides])
     assert any(k == key and message in m for k, m in e.value.problems), e.value.problems
     with pytest.raises(ConfigError, match="the sft and rm stages run on backend hf"):
         load_config(default_config_path(), ["models.policy.backend=megatron"])

@@ -165,11 +165,26 @@ def _vocab_param(hf, vocab, hidden, padded, parts, r):
 
 
 class MegatronLayout(Layout):
-    """megatron-core (local spec) names and fused layouts, tp x pp ranks, tp fastest."""
+    """megatron-core (local spec) names and fused layouts, tp x pp ranks, tp fastest.
+
+    linear_qkv is one column-parallel linear over the grouped rows [q heads of g, k_g, v_g],
+    g = 0..KV heads-1, cut into tp equal contiguous ranges. With tp a multiple of the KV heads a
+    rank's range is part of one group, not always whole heads (megatron's attention all-gathers
+    the group and keeps its own query heads); linear_proj holds query heads r nh/tp.. as ever."""
 
     def __init__(self, spec, tp=1, pp=1, vocab_multiple=128):
-        if spec.kv_heads % tp or spec.heads % tp or spec.ffn % tp:
-            raise ValueError(f"Megatron tp={tp} must divide the KV heads ({spec.kv_heads}), heads and ffn")
+        # what megatron-core 0.16.1 accepts: TransformerConfig's two checks, then the divisions
+        # its column/row-parallel linears make (linear_qkv rows, fc1/fc2 by the ffn)
+        if spec.heads % tp:
+            raise ValueError(f"Megatron tp={tp} must divide the attention heads ({spec.heads})")
+        if spec.kv_heads % tp and tp % spec.kv_heads:
+            raise ValueError(f"Megatron tp={tp} must divide the KV heads ({spec.kv_heads}) or be a multiple of "
+                             f"them (megatron-core's num_query_groups)")
+        if (spec.heads + 2 * spec.kv_heads) * spec.head_dim % tp:
+            raise ValueError(f"Megatron tp={tp} must divide the linear_qkv rows ((heads + 2 KV heads) x head_dim "
+                             f"= {(spec.heads + 2 * spec.kv_heads) * spec.head_dim})")
+        if spec.ffn % tp:
+            raise ValueError(f"Megatron tp={tp} must divide the ffn ({spec.ffn})")
         if spec.layers % pp:
             raise ValueError(f"Megatron pp={pp} must divide the layers ({spec.layers})")
         self.spec, self.tp, self.pp = spec, tp, pp
@@ -187,7 +202,8 @@ class MegatronLayout(Layout):
             out["embedding.word_embeddings.weight"] = _vocab_param("model.embed_tokens.weight", s.vocab, H,
                                                                    self.padded_vocab, tp, t)
         per_stage = s.layers // self.pp
-        groups = range(t * s.kv_heads // tp, (t + 1) * s.kv_heads // tp)
+        qkv = (s.heads + 2 * s.kv_heads) * hd
+        r0, r1 = t * qkv // tp, (t + 1) * qkv // tp  # this rank's rows of the grouped linear_qkv
         f0, f1 = t * F // tp, (t + 1) * F // tp
         for local in range(per_stage):
             i = stage * per_stage + local
@@ -196,12 +212,14 @@ class MegatronLayout(Layout):
             out[mg + "pre_mlp_layernorm.weight"] = _whole(shapes, hf + "post_attention_layernorm.weight")
             for kind in (["weight", "bias"] if s.qkv_bias else ["weight"]):
                 pieces, row = [], 0
-                for g in groups:  # per KV group: its nq query heads, its k head, its v head
+                for g in range(s.kv_heads):  # per KV group: its nq query heads, its k head, its v head
                     for name, h0, n in ((f"q_proj.{kind}", g * nq, nq), (f"k_proj.{kind}", g, 1),
                                         (f"v_proj.{kind}", g, 1)):
-                        pieces.append(_rows(hf + "self_attn." + name, h0 * hd, (h0 + n) * hd, row))
+                        a, b = max(row, r0), min(row + n * hd, r1)  # the part of the block on this rank
+                        if a < b:
+                            pieces.append(_rows(hf + "self_attn." + name, h0 * hd + a - row, h0 * hd + b - row, a - r0))
                         row += n * hd
-                shape = (row, H) if kind == "weight" else (row,)
+                shape = (r1 - r0, H) if kind == "weight" else (r1 - r0,)
                 out[mg + f"self_attention.linear_qkv.{kind}"] = Param(shape, pieces)
             if s.qk_norm:
                 out[mg + "self_attention.q_layernorm.weight"] = _whole(shapes, hf + "self_attn.q_norm.weight")

@@ -367,12 +367,20 @@ class EngineConfig(_Strict):
                 if name == "policy" and ("sft" in self.stages or "rm" in self.stages):
                     problems.append(("stages", "the sft and rm stages run on backend hf models"))
             try:
-                heads = getattr(self.hf_config(name), "num_attention_heads", None)
+                hf = self.hf_config(name)
+                heads = getattr(hf, "num_attention_heads", None)
             except Exception as e:  # a bad hf_config / path: the loader's own message
                 problems.append((f"{key}.model", f"cannot load the model config: {e}"))
                 continue
             if heads is not None and heads % mc.tp:
                 problems.append((f"{key}.tp", f"tp={mc.tp} does not divide the {heads} attention heads"))
+            elif mc.backend == "megatron":  # megatron-core's other rules (KV heads, ffn), as MegatronLayout checks them
+                try:
+                    from ..reshard import MegatronLayout, ModelSpec
+
+                    MegatronLayout(ModelSpec.from_hf_config(hf), mc.tp)
+                except ValueError as e:
+                    problems.append((f"{key}.tp", str(e)))
             per = self.train.prompts_per_step * self.rollout.samples_per_prompt
             if per % mc.dp:
                 problems.append((f"{key}.dp", f"dp={mc.dp} must divide the batch of {per} sequences"))

@@ -65,7 +65,35 @@ def build_gpt(hf_config, layout, tp_group, pp_group, dtype):
     groups = ProcessGroupCollection(tp=tp_group, pp=pp_group, cp=pp_group, embd=tp_group, pos_embd=tp_group,
                                     tp_cp=tp_group, mp=tp_group)
     theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta") or getattr(hf_config, "rope_theta", 10000)
-    return GPTModel(tc, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm),
-                    vocab_size=layout.padded_vocab, max_sequence_length=hf_config.max_position_embeddings,
-                    share_embeddings_and_output_weights=spec.tied, position_embedding_type="rope",
-                    rotary_base=int(theta), pre_process=True, post_process=True, pg_collection=groups)
+    model = GPTModel(tc, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm),
+                     vocab_size=layout.padded_vocab, max_sequence_length=hf_config.max_position_embeddings,
+                     share_embeddings_and_output_weights=spec.tied, position_embedding_type="rope",
+                     rotary_base=int(theta), pre_process=True, post_process=True, pg_collection=groups)
+    if spec.kv_heads < layout.tp:
+        for layer in model.decoder.layers:
+            layer.self_attention.register_forward_pre_hook(_own_tp_group)
+            layer.self_attention.register_forward_hook(_own_tp_group_done, always_call=True)
+    return model
+
+
+def _own_tp_group(attention, args):
+    """With tp past the KV heads megatron-core 0.16.1's attention all-gathers each rank's part of
+    the qkv group, and takes its tp rank, from parallel_state's globals instead of its own
+    pg_collection (a gather over group None here, where the engine's groups are not megatron's
+    globals): for the module's forward those two names in megatron's attention module answer
+    with the module's tp group (the backward's reduce-scatter keeps the group it was given)."""
+    from megatron.core.transformer import attention as megatron_attention
+
+    tp = attention.pg_collection.tp
+    names = ("all_gather_last_dim_from_tensor_parallel_region", "get_tensor_model_parallel_rank")
+    attention._rlhfkern_saved = {n: getattr(megatron_attention, n) for n in names}
+    gather = attention._rlhfkern_saved[names[0]]
+    megatron_attention.all_gather_last_dim_from_tensor_parallel_region = lambda t, group=None: gather(t, group or tp)
+    megatron_attention.get_tensor_model_parallel_rank = tp.rank
+
+
+def _own_tp_group_done(attention, args, output):
+    from megatron.core.transformer import attention as megatron_attention
+
+    for n, f in attention.__dict__.pop("_rlhfkern_saved", {}).items():
+        setattr(megatron_attention, n, f)
