@@ -119,7 +119,7 @@ gpu-check:
 # bench/gpu_check.sh installs them into a folder of its own on PYTHONPATH before building.
 GPU_BUNDLE_PY ?= 3.12
 GPU_BUNDLE := pydantic pydantic-core annotated-types typing-inspection typing-extensions pyyaml \
-              pytest-xdist execnet pytest-timeout openrlhf==0.11.2
+              pytest-xdist execnet pytest-timeout openrlhf==0.11.2 megatron-core==0.16.1
 GPU_BUNDLE_DIR ?= .gpu_bundle
 gpu-bundle: deps
 	rm -rf $(GPU_BUNDLE_DIR) && mkdir -p $(GPU_BUNDLE_DIR)

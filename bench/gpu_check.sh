@@ -4,7 +4,8 @@
 #   1. build rlhfkern._C with CUDA for $GPU_ARCHES (default 9.0), editable, in place
 #   2. python -m rlhfkern info (must report cuda=True and the cuda and triton backends)
 #   3. the GPU-relevant tests, every backend on CUDA tensors: test_gae, test_ppo_loss,
-#      test_advantages, test_logprob, test_gpu, test_sched_gpu (the engine's hf backend on CUDA;
+#      test_advantages, test_logprob, test_gpu, test_sched_gpu (the engine's hf backend on CUDA),
+#      test_sched_gpu_megatron (the megatron trainer on CUDA over NCCL; megatron-core from .gpu_bundle;
 #      needs pydantic: .gpu_bundle) (in parallel when pytest-xdist is there)
 #   4. the benchmarks on the GPU only -> $RESULTS/<card>.md
 #   5. a summary of what ran, passed and failed -> $RESULTS/<card>-check.md (rewritten after
@@ -180,7 +181,7 @@ $PY -c "import xdist" >/dev/null 2>&1 && TEST_ARGS+=(-n "${TEST_WORKERS:-8}")
 $PY -c "import pytest_timeout" >/dev/null 2>&1 && TEST_ARGS+=(--timeout 180)
 for t in "${DESELECTED[@]}"; do TEST_ARGS+=(--deselect "${t%% (*}"); done
 run_step tests "${TEST_TIMEOUT:-200}" $PY -m pytest tests/test_gae.py tests/test_ppo_loss.py tests/test_advantages.py \
-  tests/test_logprob.py tests/test_gpu.py tests/test_sched_gpu.py "${TEST_ARGS[@]}"
+  tests/test_logprob.py tests/test_gpu.py tests/test_sched_gpu.py tests/test_sched_gpu_megatron.py "${TEST_ARGS[@]}"
 
 # 4. benchmarks, GPU rows only (the CPU rows are bench/results/cpu-*.md)
 export RLHFKERN_BENCH_DEVICES=cuda

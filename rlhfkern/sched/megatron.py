@@ -22,18 +22,18 @@ import torch
 
 def cpu_redirects(device):
     """What megatron-core needs in a process before its first forward. Its one process-global
-    buffer (attention's scratch), and on a machine without CUDA (tensors on the CPU) the two
-    CUDA-only calls its forward makes: torch.cuda.current_device() (answered with the CPU) and
-    the CUDA RNG tracker's fork for dropout (a no-op: dropout is 0 in PPO training). Everything
-    else runs as megatron wrote it."""
+    buffer (attention's scratch); the CUDA RNG tracker's fork for dropout made a no-op (dropout
+    is 0 in PPO training, and the tracker would need megatron's global parallel state seeded);
+    and on a machine without CUDA (tensors on the CPU) torch.cuda.current_device(), answered
+    with the CPU. Everything else runs as megatron wrote it."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as megatron_random
 
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:
         parallel_state._set_global_memory_buffer()
+    megatron_random.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
     if device.type == "cpu":
         torch.cuda.current_device = lambda: "cpu"
-        megatron_random.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
 
 
 def rank_groups(tp, pp, dp):
