@@ -2,6 +2,7 @@
 against real tensors, the memory check and the plan's text. One Ray instance for the module."""
 
 import copy
+import math
 import re
 import sys
 
@@ -201,4 +202,106 @@ def test_plan_text_names_every_model_rank_and_phase():
         for phase in estimate(cfg).schedule:
             assert re.search(rf"^\s+{phase}\s", text, re.M), phase
         assert "rules copy (host)" in text and re.search(r"B\*", text) and "fits: max" in text
-        assert re.search(r"weight sync each step .*\n.*transfers\n  dst rank 0: receives [0-9.]+ MiB \(lower bound", text)
+        assert re.search(r"weight sync each step .*\n  policy hf tp 1 x dp [12] -> rollout hf tp 1 x dp 1, [a-z ]+; float32\n.*transfers\n  dst rank 0: receives [0-9.]+ MiB \(lower bound", text)
+
+
+# grpo_reverse (policy, rollout, reference colocated) with a vLLM rollout: head_dim 32 (2 heads)
+GRPO = "rlhfkern/sched/configs/grpo_reverse.yaml"
+VLLM = ["models.policy.model.hf_config.num_attention_heads=2", "models.policy.model.hf_config.num_key_value_heads=2",
+        "models.rollout.backend=vllm"]
+
+
+def _vllm_cfg(*overrides):
+    from rlhfkern.sched.config import load_config
+
+    return load_config(GRPO, VLLM + list(overrides))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_rollout_memory_is_its_vllm_shard(tp):
+    """A vLLM rollout's weights are its rank-0 shard in vLLM's layout (tp slices, the vocabulary
+    padded), exactly; on CPU the 2-D weights once more (packed) and, tp > 1, the replica's tp
+    shards on its leader; the KV cache vllm.kv_cache_bytes preallocates, resident (offloaded
+    with the weights on CUDA), in the generate phase and never as a transient."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkern.reshard import ModelSpec, VLLMLayout
+    from rlhfkern.sched.vllm import kv_cache_bytes
+
+    assert not [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]  # kv_cache_bytes is pure
+    cfg = _vllm_cfg(f"models.rollout.tp={tp}", f"placement.devices_per_node={tp}")
+    hf = cfg.hf_config("rollout")
+    sd = {k: v.detach() for k, v in AutoModelForCausalLM.from_config(hf).named_parameters()}
+    shards = VLLMLayout(ModelSpec.from_hf_config(hf), tp).shard(sd)
+    assert len({sum(t.nbytes for t in s.values()) for s in shards.values()}) == 1  # every rank's the same size
+    m = model_memory(cfg, "rollout")
+    assert (m.backend, m.tp) == ("vllm", tp)
+    assert m.weights == sum(t.nbytes for t in shards[0].values())
+    assert (m.params, m.tensors) == (sum(t.numel() for t in shards[0].values()), len(shards[0]))
+    assert m.matrix_weights == sum(t.nbytes for t in shards[0].values() if t.dim() == 2)
+    assert m.kv_cache == kv_cache_bytes(cfg, "rollout") > 0 and m.gradients == m.optimizer == 0
+    if tp > 1:
+        assert m.weights < model_memory(cfg, "policy").weights
+    assert "kv_cache" not in transient(m, "generate", 8, 11, 5)  # preallocated, not grown
+
+    cpu, gpu = estimate(cfg, device="cpu"), estimate(cfg, device="cuda")
+    assert gpu.offloaded == ("policy", "rollout", "reference")
+    for rank in range(tp):
+        on_cpu = [d for d in cpu.devices if d.bundle == rank][0].phases
+        on_gpu = [d for d in gpu.devices if d.bundle == rank][0].phases
+        want = {"weights": m.weights, "kv_cache": m.kv_cache, "packed_weights": m.matrix_weights}
+        if tp > 1 and rank == 0:
+            want["sync_buffers"] = tp * m.weights
+        for phase in cpu.schedule:  # CPU: resident in every phase
+            assert {c: on_cpu[phase][("rollout", c)] for c in want} == want, (rank, phase)
+        gen = {c: v for (n, c), v in on_gpu["generate"].items() if n == "rollout"}
+        assert gen["weights"] == m.weights and gen["kv_cache"] == m.kv_cache
+        assert "packed_weights" not in gen and "sync_buffers" not in gen and gen["activations"] > 0
+        assert not [k for k in on_gpu["train"] if k[0] == "rollout"]  # asleep while the policy trains
+
+
+def _sync_stats(cfg):
+    from rlhfkern.reshard import MegatronLayout, ModelSpec, ReplicatedLayout, VLLMLayout, plan_reshard
+
+    spec = ModelSpec.from_hf_config(cfg.hf_config("policy"))
+    return plan_reshard(ReplicatedLayout(MegatronLayout(spec, 2), 1), ReplicatedLayout(VLLMLayout(spec, 2), 1),
+                        colocated=cfg.colocated("policy", "rollout"), dtype=torch.float32).stats()
+
+
+@pytest.mark.parametrize("colocated", [False, True], ids=["separate", "colocated"])
+def test_plan_text_megatron_tp2_to_vllm_tp2(colocated):
+    """rlhfkern plan with a megatron tp 2 policy and a vLLM tp 2 rollout: backends and tp in the
+    placement, the sync's bytes per destination rank as plan_reshard's stats give them (never
+    under the lower bound), and what the replica's leader pulls and hands to vLLM's workers."""
+    from rlhfkern.reshard import MegatronLayout, ModelSpec, VLLMLayout
+
+    mg = ["models.policy.backend=megatron", "models.policy.tp=2", "models.reference.backend=megatron",
+          "models.reference.tp=2", "models.rollout.tp=2", "placement.device=cpu"]
+    where = ["placement.devices_per_node=2"] if colocated else \
+        ["placement.devices_per_node=4", "placement.colocate=[[policy,reference]]"]
+    cfg = _vllm_cfg(*mg, *where)
+    assert [p.devices for p in cfg.pools()] == ([2] if colocated else [2, 2])
+    text = plan_text(cfg)
+    assert re.search(r"^    rollout: backend vllm, tp 2, pp 1, dp 1: one vLLM engine per dp replica", text, re.M)
+    assert re.search(r"^    policy: backend megatron, tp 2, pp 1, dp 1", text, re.M)
+    for rank in range(2):
+        assert re.search(rf"^\s+rollout\s+rank {rank}\s+bundle {rank}\s+node \?\s+gpu \?$", text, re.M)
+    spec = ModelSpec.from_hf_config(cfg.hf_config("policy"))
+    assert (f"policy megatron tp 2 x dp 1 (vocabulary 14 padded to {MegatronLayout(spec, 2).padded_vocab}) -> "
+            f"rollout vllm tp 2 x dp 1 (vocabulary 14 padded to {VLLMLayout(spec, 2).padded_vocab}), "
+            f"{'colocated' if colocated else 'separate devices'}; float32") in text
+    st = _sync_stats(cfg)
+    for r in range(2):
+        b, lb = st["bytes_received"][r], st["lower_bound"][r]
+        assert b >= lb and (b == 0) == colocated  # colocated, the tp slices of both sides agree
+        assert f"  dst rank {r}: receives {b / 2**20:.2f} MiB (lower bound {lb / 2**20:.2f} MiB)" in text
+    # the engine's own moves: the leader (rank 0) pulls the policy shards not in its worker
+    size = lambda layout, r: sum(math.prod(p.shape) for p in layout.params(r).values()) * 4  # noqa: E731
+    mgl, vl = MegatronLayout(spec, 2), VLLMLayout(spec, 2)
+    pulled = size(mgl, 1) if colocated else size(mgl, 0) + size(mgl, 1)
+    assert (f"rollout rank 0 (leader of ranks 0-1): pulls {pulled / 2**20:.2f} MiB from policy rank(s) "
+            f"{'1' if colocated else '0, 1'}; hands {(size(vl, 0) + size(vl, 1)) / 2**20:.2f} MiB (2 shards) "
+            "to its 2 vLLM tp workers") in text
+    assert "rollout rank 1" not in text
+    if not colocated:  # the rollout's own devices: its KV cache is the biggest part
+        assert re.search(r"^  pool1/bundle0 .* generate: rollout kv_cache ", text, re.M)

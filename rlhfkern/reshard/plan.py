@@ -120,13 +120,18 @@ class Plan:
                 "broadcast_bytes": broadcast}
 
     def _held_by_process(self, process):
-        """{(hf, axis): [(start, stop)]} of the source pieces living on `process`."""
+        """{(hf, axis): [(start, stop)]} of the source pieces living on `process`; a whole tensor
+        (an HF layout's) holds every cut along every axis, as the planner uses it."""
         held = collections.defaultdict(list)
+        shapes = self.src.spec.hf_shapes()
         for r, params in self.src_params.items():
             if self.src_process(r) == process:
                 for p in params.values():
                     for pc in p.pieces:
                         held[(pc.hf, pc.axis)].append((pc.start, pc.stop))
+                        if len(p.pieces) == 1 and tuple(p.shape) == tuple(shapes[pc.hf]):
+                            for axis, size in enumerate(p.shape):
+                                held[(pc.hf, axis)].append((0, size))
         return held
 
     def summary(self):

@@ -17,6 +17,27 @@ parameter tensor: 2 * weights + 4 * tensors). The modules are the actors' own (a
 a causal LM for policy, rollout and reference, a one-label token classifier for the value model,
 a one-label sequence classifier for reward models).
 
+A megatron model counts its rank-0 shards (rlhfkern.reshard.MegatronLayout: tp slices, the
+vocabulary padded). A vLLM rollout (backend vllm, rlhfkern.sched.vllm) counts, per rank:
+  weights         its rank-0 shard in vLLM's layout (rlhfkern.reshard.VLLMLayout(spec, tp): fused
+                  qkv/gate_up, tp slices, the vocabulary padded), exact
+  packed_weights  CPU tensors only: vLLM's CPU backend pre-packs every 2-D weight (the linears, and
+                  the embedding and LM head through its embedding method) for its GEMM kernels,
+                  and the weight sync keeps the unpacked parameter beside it (vllm.WeightSync):
+                  counted as one more copy of those weights' bytes (the packed format's own size,
+                  e.g. fp32 for small bf16 GEMMs on the sgl path, is not modelled)
+  kv_cache        the cache the engine preallocates at start, vllm.kv_cache_bytes (a step's
+                  sequences of the replica at max_model_len, in whole KV blocks, this rank's KV
+                  heads), resident like the weights: with offload on CUDA (colocated) vLLM's
+                  sleep frees both weights and cache outside the rollout's phases
+  sync_buffers    CPU tensors only, tp > 1, the replica's first rank: the replica's tp shards the
+                  sync plan fills before they go to vLLM's workers (on CUDA they are host memory)
+  generate        activations: the hf formula's inference working set below with this rank's
+                  heads and ffn (heads / tp, f / tp); logits as hf's; no transient KV cache
+These vLLM numbers are estimates, not measured: vLLM's workers (tp > 1) are processes of their own
+that measure_memory does not see, and vLLM's own buffers (sampler, scheduler, the CUDA graphs
+enforce_eager leaves off) are not counted.
+
 Residency rule: a model in a colocation group, with placement.offload on CUDA, holds nothing on
 the device outside its phases and its whole state during them; every other model (not colocated,
 offload off, or CPU tensors) keeps its weights, gradients and optimizer state resident all step.
@@ -54,6 +75,7 @@ import torch
 
 PHASES = ("generate", "reward", "logprobs", "values", "train", "sync")
 STATE = ("weights", "gradients", "optimizer")
+ENGINE_STATE = ("packed_weights", "kv_cache", "sync_buffers")  # a vLLM rollout's, resident like its weights
 TRAINERS = ("policy", "value")
 GIB = 2 ** 30
 
@@ -78,6 +100,10 @@ class ModelMemory:
     head_dim: int
     intermediate: int
     vocab: int
+    backend: str = "hf"
+    tp: int = 1
+    matrix_weights: int = 0  # bytes of the rank-0 shard's 2-D weights (vLLM on CPU packs them again)
+    kv_cache: int = 0        # bytes: the KV cache a vLLM rollout preallocates per rank (vllm.kv_cache_bytes)
 
     @property
     def itemsize(self):
@@ -139,7 +165,8 @@ _MODELS = {}
 
 def _model_memory(cfg, name, causal_lm, trainable):
     """Counted on the very module the actor builds (actors.build_model), on the meta device; a
-    megatron model's from its rank-0 shards (rlhfkern.reshard.MegatronLayout)."""
+    megatron model's from its rank-0 shards (rlhfkern.reshard.MegatronLayout), a vLLM rollout's
+    from its rank-0 shard in vLLM's layout (rlhfkern.reshard.VLLMLayout)."""
     from .actors import build_model
 
     mc = cfg.model(name)
@@ -149,12 +176,17 @@ def _model_memory(cfg, name, causal_lm, trainable):
         return _MODELS[key]
     model = build_model(cfg, name, 0, device="meta")
     hf = model.config
-    sizes = [p.numel() for p in model.parameters()]  # shared (tied) parameters once
-    if mc.backend == "megatron":  # rank 0's shards: MegatronLayout's (tp slices, padded vocabulary)
-        from ..reshard import MegatronLayout, ModelSpec
+    params = list(model.parameters())  # shared (tied) parameters once
+    sizes = [p.numel() for p in params]
+    matrices = sum(p.numel() for p in params if p.dim() == 2)
+    if mc.backend in ("megatron", "vllm"):  # rank 0's shards (tp slices, padded vocabulary)
+        from ..reshard import MegatronLayout, ModelSpec, VLLMLayout
 
-        shards = MegatronLayout(ModelSpec.from_hf_config(hf), mc.tp, mc.pp).params(0).values()
-        sizes = [math.prod(p.shape) for p in shards]
+        spec = ModelSpec.from_hf_config(hf)
+        layout = MegatronLayout(spec, mc.tp, mc.pp) if mc.backend == "megatron" else VLLMLayout(spec, mc.tp)
+        shapes = [p.shape for p in layout.params(0).values()]
+        sizes = [math.prod(s) for s in shapes]
+        matrices = sum(math.prod(s) for s in shapes if len(s) == 2)
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     weights = sum(sizes) * itemsize
     heads = hf.num_attention_heads
@@ -166,16 +198,36 @@ def _model_memory(cfg, name, causal_lm, trainable):
         kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
         intermediate=getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
-        vocab=hf.vocab_size)
+        vocab=hf.vocab_size, backend=mc.backend, tp=mc.tp, matrix_weights=matrices * itemsize)
     return _MODELS[key]
 
 
 def model_memory(cfg, name):
-    """The exact static numbers of model `name` (policy, rollout, reference, value, reward:<n>)."""
+    """The exact static numbers of model `name` (policy, rollout, reference, value, reward:<n>);
+    a vLLM rollout's with its KV cache (vllm.kv_cache_bytes: a pure function, vllm not imported)."""
     from .actors import role_of
 
     causal_lm = role_of(name) not in ("value", "reward")
-    return _model_memory(cfg, name, causal_lm, name in TRAINERS)
+    m = _model_memory(cfg, name, causal_lm, name in TRAINERS)
+    if m.backend == "vllm":
+        from .vllm import kv_cache_bytes
+
+        m = dataclasses.replace(m, kv_cache=kv_cache_bytes(cfg, name))
+    return m
+
+
+def engine_state(m, device, rank):
+    """{component: bytes} a vLLM rollout's rank `rank` holds besides its weights (see the module
+    docstring): the KV cache; on CPU the packed copies, and the first rank of a tp > 1 replica the
+    sync buffers of the replica's tp shards. {} for other backends."""
+    if m.backend != "vllm":
+        return {}
+    parts = {"kv_cache": m.kv_cache}
+    if device == "cpu":
+        parts["packed_weights"] = m.matrix_weights
+        if m.tp > 1 and rank % m.tp == 0:
+            parts["sync_buffers"] = m.tp * m.weights  # VLLMLayout's tp shards are all of one size
+    return {c: v for c, v in parts.items() if v}
 
 
 def _working_set(m, b, s, s_kv):
@@ -215,6 +267,11 @@ def _logprob_logits(m, tokens, train):
 def transient(m, phase, b, s, prompt):
     """{component: bytes} of model `m` running `phase` on b sequences of s tokens (prompt long)."""
     e = m.itemsize
+    if phase == "generate" and m.backend == "vllm":  # the cache is preallocated (engine_state)
+        m = dataclasses.replace(m, heads=max(1, m.heads // m.tp), intermediate=m.intermediate // m.tp)
+        parts = [{"activations": _working_set(m, b, prompt, prompt), "logits": _inference_logits(m, b)},
+                 {"activations": _working_set(m, b, 1, s), "logits": _inference_logits(m, b)}]
+        return max(parts, key=lambda p: sum(p.values()))
     if phase == "generate":  # the larger of the prefill and the last decoding step
         kv = 2 * m.layers * m.kv_heads * m.head_dim * b * e  # per cached token
         prefill = {"activations": _working_set(m, b, prompt, prompt), "kv_cache": kv * prompt,
@@ -276,6 +333,7 @@ def estimate(cfg, device=None):
                     m = models[n]
                     if n in running or n not in offloaded:
                         parts.update({(n, c): getattr(m, c) for c in STATE if getattr(m, c)})
+                        parts.update({(n, c): v for c, v in engine_state(m, device, bundle).items()})
                     if n in running:
                         extra = transient(m, phase, batch[phase][n], seq, prompt)
                         parts.update({(n, c): v for c, v in extra.items() if v})
@@ -326,7 +384,7 @@ def compare(report, measured):
         for phase in report.schedule:
             if phase not in peaks:
                 continue
-            kept = sorted({m for (m, c) in d.phases[phase] if c in STATE})
+            kept = sorted({m for (m, c) in d.phases[phase] if c in STATE + ENGINE_STATE})
             rows.append((d.name, phase, kept, sorted(set(d.models) - set(kept)), d.total(phase), peaks[phase]))
     return rows
 

@@ -14,7 +14,10 @@ plan whose estimate exceeds placement.device_memory_gib.
 """
 
 import dataclasses
+import math
 import uuid
+
+import torch
 
 from .memory import check_memory, estimate, fmt_bytes
 
@@ -135,6 +138,7 @@ class Placement:
             lines.append(f"  pool {i} {pool.name}: {pool.devices} device(s), {kind}")
             width = max(map(len, pool.models))
             for name in pool.models:
+                lines.append(f"    {name}: {_backend_text(cfg, name)}")
                 for slot in self.slots[name]:
                     node, gpu = self.where(name, slot.rank)
                     lines.append(f"    {name:<{width}}  rank {slot.rank}  bundle {slot.bundle}  "
@@ -143,8 +147,67 @@ class Placement:
         lines += _schedule_lines(cfg, memory)
         lines += ["", *_memory_lines(memory)]
         lines += ["", "weight sync each step (policy -> rollout, rlhfkern.reshard; lower bound: the bytes a rank "
-                  "must receive that its process does not hold):", "  " + sync_plan(cfg).summary()]
+                  "must receive that its process does not hold):", "  " + _sync_layouts(cfg),
+                  "  " + sync_plan(cfg).summary()]
+        lines += self._pull_lines()
         return "\n".join(lines)
+
+    def _pull_lines(self):
+        """Colocated or into vLLM the engine does not run the plan's processes (loop._sync): each
+        rollout replica's leader fetches the whole shards of the policy ranks feeding its
+        replica that live in other workers, applies the plan in its process, and (vLLM tp > 1)
+        hands vLLM's tp worker processes the replica's tp shards in one collective_rpc (one
+        payload with every shard, broadcast to the workers). Those bytes, per leader."""
+        cfg = self.cfg
+        rc = cfg.model("rollout")
+        if not (cfg.colocated("policy", "rollout") or rc.backend == "vllm"):
+            return []
+        plan = sync_plan(cfg)
+        size = torch.empty((), dtype=plan.dtype).element_size()
+        shard = lambda params: sum(math.prod(p.shape) for p in params.values()) * size  # noqa: E731
+        worker = {n: [s.worker for s in self.slots[n]] for n in ("policy", "rollout")}
+        handed = ", then hands the replica's shards to vLLM's tp workers" if rc.tp > 1 else ""
+        lines = ["  as the engine moves them (colocated or vLLM: each replica's leader pulls the whole shards "
+                 f"of the policy ranks in other workers{handed}):"]
+        for lead in range(0, rc.world, rc.tp):
+            replica = range(lead, lead + rc.tp)
+            sources = sorted({t.src_rank for t in plan.transfers for r, _, _ in t.dsts if r in replica})
+            remote = [s for s in sources if worker["policy"][s] != worker["rollout"][lead]]
+            pulled = sum(shard(plan.src_params[s]) for s in remote)
+            text = (f"  rollout rank {lead}" + (f" (leader of ranks {lead}-{lead + rc.tp - 1})" if rc.tp > 1 else "")
+                    + f": pulls {pulled / 2**20:.2f} MiB from policy rank(s) {', '.join(map(str, remote)) or '-'}")
+            if rc.tp > 1:
+                sent = sum(shard(plan.dst_params[r]) for r in replica)
+                text += f"; hands {sent / 2**20:.2f} MiB ({rc.tp} shards) to its {rc.tp} vLLM tp workers"
+            lines.append(text)
+        return lines
+
+
+def _backend_text(cfg, name):
+    """'backend vllm, tp 2, pp 1, dp 1: ...' of model `name`, the backend's ranks in words."""
+    mc = cfg.model(name)
+    what = {"hf": "transformers, torch DDP over dp",
+            "megatron": "megatron-core GPTModel, tp x pp shards (rlhfkern.reshard.MegatronLayout)",
+            "vllm": f"one vLLM engine per dp replica on its first rank, {mc.tp} tp worker(s) "
+                    f"(rlhfkern.reshard.VLLMLayout)"}[mc.backend]
+    return f"backend {mc.backend}, tp {mc.tp}, pp {mc.pp}, dp {mc.dp}: {what}"
+
+
+def _sync_layouts(cfg):
+    """The two sides of the weight sync: 'policy megatron tp 2 x dp 1 -> rollout vllm tp 2 x dp 1 ...'."""
+    from ..reshard import MegatronLayout, ModelSpec, VLLMLayout
+
+    spec = ModelSpec.from_hf_config(cfg.hf_config("policy"))
+    sides = []
+    for name in ("policy", "rollout"):
+        mc = cfg.model(name)
+        text = f"{name} {mc.backend} tp {mc.tp}" + (f" pp {mc.pp}" if mc.pp > 1 else "") + f" x dp {mc.dp}"
+        if mc.backend in ("megatron", "vllm"):
+            layout = MegatronLayout(spec, mc.tp, mc.pp) if mc.backend == "megatron" else VLLMLayout(spec, mc.tp)
+            text += f" (vocabulary {spec.vocab} padded to {layout.padded_vocab})"
+        sides.append(text)
+    colocated = "colocated" if cfg.colocated("policy", "rollout") else "separate devices"
+    return f"{sides[0]} -> {sides[1]}, {colocated}; {cfg.models.policy.dtype}"
 
 
 def _schedule_lines(cfg, memory):
