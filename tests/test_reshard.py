@@ -164,6 +164,37 @@ def test_plan_colocated_moves_less(model):
     assert all(torch.equal(out[r][n], expected[r][n]) for r in expected for n in expected[r])
 
 
+@pytest.mark.parametrize("tp,dp,colocated", [(2, 1, False), (2, 1, True), (4, 1, False), (4, 1, True),
+                                               (2, 2, False), (4, 2, True)])
+def test_plan_hf_to_vllm_tp(model, tp, dp, colocated):
+    """The engine's hf trainer -> vLLM rollout sync (placement.sync_plan): whole HF tensors into
+    vLLM's tp shards, o_proj and down_proj cut along axis 1 from a source described along axis 0
+    (refused before 208fd4e: a whole source tensor now serves a cut along any axis); dp replicas
+    on both sides. The result is VLLMLayout's own shards bitwise; each rank receives its lower
+    bound (colocated: nothing on the ranks beside a trainer replica) and never less."""
+    from rlhfkern.reshard import ReplicatedLayout
+
+    spec, sd = model
+    src, dst = ReplicatedLayout(HFLayout(spec), dp), ReplicatedLayout(VLLMLayout(spec, tp), dp)
+    plan = plan_reshard(src, dst, colocated=colocated, dtype=sd["model.norm.weight"].dtype)
+    assert plan.verify()
+    assert any(t.axis == 1 and t.src_name.endswith(("o_proj.weight", "down_proj.weight")) for t in plan.transfers)
+    st = plan.stats()
+    assert st["bytes_received"] == st["lower_bound"]
+    if colocated:  # dst ranks < dp share a process with a whole HF replica
+        assert all(st["bytes_received"][r] == 0 for r in range(dp))
+        assert all(st["bytes_received"][r] > 0 for r in range(dp, tp * dp))
+    out = apply(plan, src.shard(sd))
+    expected, inner = dst.shard(sd), VLLMLayout(spec, tp).shard(sd)
+    assert sorted(out) == sorted(expected) == list(range(tp * dp))
+    for r in expected:
+        assert out[r].keys() == expected[r].keys() == inner[r % tp].keys()
+        for n in expected[r]:
+            assert torch.equal(out[r][n], expected[r][n]) and torch.equal(out[r][n], inner[r % tp][n]), (r, n)
+    back = VLLMLayout(spec, tp).unshard({r: out[r] for r in range(tp)})  # and back to the HF tensors
+    assert all(torch.equal(back[n], sd[n]) for n in sd)
+
+
 def test_plan_back_and_between_vllm_sizes(model):
     spec, sd = model
     for src, dst in [(VLLMLayout(spec, 1), MegatronLayout(spec, 1, 2)), (VLLMLayout(spec, 1), VLLMLayout(spec, 4))]:

@@ -159,3 +159,50 @@ def test_cli_takes_overrides_without_a_config(capsys):
 def test_plan_refuses_a_config_that_does_not_fit(capsys):
     assert cli.main("plan", default_config_path(), ["placement.device_memory_gib=0.000001"]) == 2
     assert "placement.device_memory_gib" in capsys.readouterr().err
+
+
+def vllm_config(**hf):
+    """grpo_reverse with a vLLM rollout; its model has head_dim 32 (2 heads of hidden 64), which
+    vLLM's CPU attention needs, unless `hf` changes it."""
+    data = with_(default(), "models.rollout.backend", "vllm")
+    data = with_(data, "placement.devices_per_node", 4)
+    for k, v in {"num_attention_heads": 2, "num_key_value_heads": 2, **hf}.items():
+        data = with_(data, f"models.policy.model.hf_config.{k}", v)
+    return data
+
+
+VLLM_CASES = [  # (changes to vllm_config's data, hf_config changes, the error's key path, a piece of its message)
+    ({"models.reference.backend": "vllm"}, {}, "models.reference.backend", "backend vllm runs the rollout only"),
+    ({"models.policy.backend": "vllm"}, {}, "models.policy.backend", "backend vllm runs the rollout only"),
+    ({"models.rollout.pp": 2}, {}, "models.rollout.pp", "backend vllm runs pp=1"),
+    ({"models.rollout.tp": 4}, {}, "models.rollout.tp", "vLLM tp=4 must divide heads and ffn"),  # 2 heads
+    ({"models.rollout.tp": 2}, {"hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 3},
+     "models.rollout.tp", "divide or be a multiple of KV heads"),  # 3 KV heads
+    ({"models.rollout.tp": 2}, {"intermediate_size": 129}, "models.rollout.tp", "vLLM tp=2 must divide heads and ffn"),
+    ({"placement.device": "cpu"}, {"num_attention_heads": 4}, "models.rollout.backend",
+     "vLLM on CPU needs head_dim >= 32 (this model's is 16"),
+]
+
+
+@pytest.mark.parametrize("changes,hf,path,message", VLLM_CASES, ids=[f"{c[2]}:{c[3]}"[:60] for c in VLLM_CASES])
+def test_vllm_refusals_name_their_key(changes, hf, path, message):
+    data = vllm_config(**hf)
+    for k, v in changes.items():
+        data = with_(data, k, v)
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert any(k == path and message in m for k, m in info.value.problems), info.value
+
+
+def test_vllm_tp2_rollout_is_accepted(capsys):
+    data = with_(vllm_config(), "models.rollout.tp", 2)
+    cfg = parse_config(data)  # colocated with policy and reference on 2 devices
+    assert (cfg.model("rollout").backend, cfg.model("rollout").tp, cfg.model("rollout").world) == ("vllm", 2, 2)
+    assert [p.devices for p in cfg.pools()] == [2]
+    assert parse_config(with_(vllm_config(num_attention_heads=4), "placement.device", "cuda"))  # head_dim 16 on GPUs
+    assert cli.main("plan", GRPO, ["models.rollout.backend=vllm", "models.rollout.tp=2",
+                                   "placement.devices_per_node=2", "placement.device=cpu",
+                                   "models.policy.model.hf_config.num_attention_heads=2",
+                                   "models.policy.model.hf_config.num_key_value_heads=2"]) == 0
+    out = capsys.readouterr().out
+    assert "rollout: backend vllm, tp 2, pp 1, dp 1" in out and "rollout kv_cache" in out
