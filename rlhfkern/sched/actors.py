@@ -581,9 +581,16 @@ class MegatronBackend(HFBackend):
     """A megatron-core GPTModel rank (rlhfkern.sched.megatron): tp x pp x dp ranks, tp fastest.
     The same interface as HFBackend for a trainer or a reference (no generation); the loss and
     optimizer code is HFBackend's, with the gradients averaged over dp by hand and their norm
-    taken over the tp shards; log-probs from the vocab-parallel logits. Ranks of one dp replica
-    get the same batch; the tp ranks past the first return None for per-sequence results (the
-    loop keeps one copy)."""
+    taken over the tp shards and pp stages; log-probs from the vocab-parallel logits. Ranks of
+    one dp replica get the same batch; all but its first rank return None for per-sequence
+    results (the loop keeps one copy).
+
+    Pipeline (pp > 1), one minibatch at a time: each stage receives the previous stage's hidden
+    states [s, b, h] over the pp group (model.set_input_tensor), runs its layers and sends its
+    output on; the last stage computes the log-probs and broadcasts them over the pp group, so
+    every stage computes the same loss and metrics (HFBackend's train_policy unchanged). The
+    backward starts at the last stage's loss; each stage sends the gradient of its input to the
+    previous one, which back-propagates it from its output."""
 
     def __init__(self, cfg, name, rank, world, device, groups):
         from ..reshard import MegatronLayout, ModelSpec
@@ -593,16 +600,20 @@ class MegatronBackend(HFBackend):
         self.cfg, self.name, self.role, self.rank = cfg, name, role_of(name), rank
         self.device = torch.device(device)
         self.tp, self.tp_rank = mc.tp, rank % mc.tp
+        self.pp, self.stage = mc.pp, rank % (mc.tp * mc.pp) // mc.tp
+        self.first, self.last = self.stage == 0, self.stage == mc.pp - 1
+        self.dtype = getattr(torch, mc.dtype)
+        self._pipe = None  # (input, output) of this stage's last forward with gradients, for its backward
         self.tp_group, self.pp_group = groups[("model", name, "tp")], groups[("model", name, "pp")]
         self.world, self.group = mc.dp, groups[("model", name, "dp")]  # what the losses average over
         megatron.cpu_redirects(self.device)
         hf = build_model(cfg, name, cfg.train.seed, device="cpu")  # the weights an hf backend starts from
         self.hf_config = hf.config
         self.layout = MegatronLayout(ModelSpec.from_hf_config(hf.config), mc.tp, mc.pp)
-        self.model = megatron.build_gpt(hf.config, self.layout, self.tp_group, self.pp_group, getattr(torch, mc.dtype))
+        self.model = megatron.build_gpt(hf.config, self.layout, self.tp_group, self.pp_group, self.dtype, self.stage)
         self._copy_in(self.layout.shard({k: v.detach() for k, v in hf.named_parameters()})[rank % self.layout.world])
         pad = hf.get_input_embeddings().padding_idx
-        if pad is not None:  # as the HF model's nn.Embedding(padding_idx=pad): that row gets no gradient
+        if pad is not None and self.first:  # as the HF model's nn.Embedding(padding_idx=pad): that row gets no gradient
             self.model.embedding.word_embeddings.register_forward_hook(functools.partial(_no_grad_rows, pad))
         self.model.to(self.device)
         self.model.train(False)
@@ -626,14 +637,38 @@ class MegatronBackend(HFBackend):
             for n, p in ours.items():
                 p.copy_(shard[n])
 
+    def _stage_forward(self, ids, pos, mask):
+        """This stage's part of the forward: the previous stage's output as its input (stage > 0),
+        its own output sent to the next stage (stage < last); kept for the backward when
+        gradients are on."""
+        inp = None
+        if not self.first:
+            inp = torch.empty((ids.shape[1], ids.shape[0], self.layout.spec.hidden), dtype=self.dtype, device=self.device)
+            dist.recv(inp, group=self.pp_group, group_src=self.stage - 1)
+            inp.requires_grad_(torch.is_grad_enabled())
+            self.model.set_input_tensor(inp)
+        out = self.model(ids, pos, mask)
+        if not self.last:
+            dist.send(out.detach().contiguous(), group=self.pp_group, group_dst=self.stage + 1)
+        self._pipe = (inp, out) if torch.is_grad_enabled() else None
+        return out
+
     def _token_logprobs(self, module, batch, with_entropy):
         """Log-probs (and entropy) of the response tokens from this rank's vocabulary shard of the
-        logits (megatron's output layer, padding columns masked), combined over tp."""
+        logits (megatron's output layer, padding columns masked), combined over tp; with pp > 1
+        computed by the last stage and broadcast to the others (without their graph)."""
         ids, am, pos = self._inputs(batch)
         R, L = batch["response_mask"].shape[1], ids.shape[1]
         causal = torch.ones(L, L, dtype=torch.bool, device=self.device).triu(1)
         mask = (causal[None] | ~am.bool()[:, None, :])[:, None]  # True: not attended
-        logits = module(ids, pos, mask)[:, -R - 1:-1]
+        out = self._stage_forward(ids, pos, mask)
+        if not self.last:
+            lp = torch.empty((ids.shape[0], R), dtype=torch.float32, device=self.device)
+            ent = torch.empty_like(lp) if with_entropy else None
+            for t in (lp, ent) if with_entropy else (lp,):
+                dist.broadcast(t, group=self.pp_group, group_src=self.pp - 1)
+            return lp, ent
+        logits = out[:, -R - 1:-1]
         first = self.tp_rank * logits.shape[-1]
         padding = torch.arange(first, first + logits.shape[-1], device=self.device) >= self.layout.spec.vocab
         if padding.any():
@@ -641,26 +676,77 @@ class MegatronBackend(HFBackend):
         labels = torch.where(batch["response_mask"].to(self.device).bool(), ids[:, -R:], -100)
         out = rlhfkern.logprobs(logits.float(), labels, temperature=self.cfg.rollout.temperature,
                                 return_entropy=with_entropy, tp_group=self.tp_group if self.tp > 1 else None)
-        return out if with_entropy else (out, None)
+        lp, ent = out if with_entropy else (out, None)
+        if self.pp > 1:
+            for t in (lp, ent) if with_entropy else (lp,):
+                dist.broadcast(t.detach().contiguous(), group=self.pp_group, group_src=self.pp - 1)
+        return lp, ent
 
     @torch.no_grad()
     def logprobs(self, batch, with_entropy=False):
-        out = self._no_grad_logprobs(batch, with_entropy)  # every tp rank takes part
-        return out if self.tp_rank == 0 else None
+        out = self._no_grad_logprobs(batch, with_entropy)  # every rank of the replica takes part
+        return out if self.rank % self.layout.world == 0 else None
+
+    def _step(self, loss, step, epoch, k):
+        """HFBackend._step with the pipeline's backward: the last stage from its loss, the others
+        from the gradient of their output the next stage sends; each stage past the first sends
+        the gradient of its input back. (Every stage has the same loss: its finiteness agrees.)"""
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        if self.world > 1:
+            dist.all_reduce(bad, group=self.group)
+        if bad.item():
+            raise NonFiniteLoss(f"step {step}: {self.name} loss is {loss.item()} (epoch {epoch}, minibatch {k}); "
+                                f"the update was not applied")
+        self.optimizer.zero_grad(set_to_none=True)
+        inp, out = self._pipe
+        self._pipe = None
+        if self.last:
+            loss.backward()
+        else:
+            grad = torch.empty_like(out)
+            dist.recv(grad, group=self.pp_group, group_src=self.stage + 1)
+            out.backward(grad)
+        if not self.first:
+            dist.send(inp.grad.contiguous(), group=self.pp_group, group_dst=self.stage - 1)
+        norm = self._clip_grads(self.opt_cfg.grad_clip_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        return norm
+
+    def _tied_copy(self):
+        """With tied embeddings and pp > 1, this stage's copy of the shared weight (first stage:
+        the embedding, last: output_layer), or None (a middle stage; not tied; pp 1)."""
+        if not self.layout.spec.tied or self.pp == 1:
+            return None
+        if self.first:
+            return self.model.embedding.word_embeddings.weight
+        return self.model.output_layer.weight if self.last else None
 
     def _clip_grads(self, clip):
         """Gradients averaged over dp, then the global norm over the whole model: the squares of
-        tp-sharded tensors summed over the tp ranks, replicated ones (norm weights) counted once."""
+        tp-sharded tensors summed over the tp ranks and the pp stages, replicated ones (norm
+        weights) counted once. Tied embeddings with pp > 1: the first and last stages' copies get
+        the sum of their gradients (an all-reduce over the pp group, zeros from middle stages),
+        counted once in the norm (the first stage's)."""
+        tied = self._tied_copy()
+        if self.layout.spec.tied and self.pp > 1:
+            shard = (self.layout.padded_vocab // self.tp, self.layout.spec.hidden)
+            g = tied.grad if tied is not None else torch.zeros(shard, dtype=self.dtype, device=self.device)
+            dist.all_reduce(g, group=self.pp_group)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.world > 1:
             for p in params:
                 dist.all_reduce(p.grad, group=self.group)
                 p.grad /= self.world
-        sharded = sum((p.grad.float() ** 2).sum() for p in params if getattr(p, "tensor_model_parallel", False))
-        replicated = sum((p.grad.float() ** 2).sum() for p in params if not getattr(p, "tensor_model_parallel", False))
-        total = torch.as_tensor(sharded + (replicated if self.tp_rank == 0 else 0.0), dtype=torch.float32)
+        counted = [p for p in params if not (self.last and not self.first and p is tied)]
+        sharded = sum((p.grad.float() ** 2).sum() for p in counted if getattr(p, "tensor_model_parallel", False))
+        replicated = sum((p.grad.float() ** 2).sum() for p in counted if not getattr(p, "tensor_model_parallel", False))
+        total = torch.as_tensor(sharded + (replicated if self.tp_rank == 0 else 0.0), dtype=torch.float32,
+                                device=self.device)
         if self.tp > 1:
             dist.all_reduce(total, group=self.tp_group)
+        if self.pp > 1:
+            dist.all_reduce(total, group=self.pp_group)
         norm = total.sqrt()
         scale = (clip / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
         for p in params:
@@ -770,15 +856,19 @@ class ModelWorker:
         return {"models": self.models, "rank": self.rank, "node": ctx.get_node_id(), "gpus": ray.get_gpu_ids(),
                 "pid": os.getpid(), "placement_group": ctx.get_placement_group_id()}
 
-    def init_groups(self, init_method, world_rank, world_size, groups):
+    def init_groups(self, init_method, world_rank, world_size, groups, replica_gpus=None):
         """Joins the engine's process world (gloo, one rank per worker) and creates every subgroup
         in `groups` (the same ordered list of (key, [world ranks], backend) on every process),
-        then builds each model's backend with its model's group."""
+        then builds each model's backend with its model's group. `replica_gpus` {model: [GPU
+        ids]}: the GPUs of a vLLM replica led from here (the backend finds them under
+        ("gpus", model) among its groups)."""
         dist.init_process_group("gloo", init_method=init_method, rank=world_rank, world_size=world_size)
         for key, ranks, backend in groups:
             g = dist.new_group(ranks, backend=backend)
             if world_rank in ranks:
                 self.groups[key] = g
+        for name, ids in (replica_gpus or {}).items():
+            self.groups[("gpus", name)] = ids
         device = self.device
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
@@ -860,6 +950,12 @@ class ModelWorker:
         with torch.no_grad():
             apply(self.sync_plan, shards, out=rollout.sync_targets())
         return rollout.after_sync()
+
+    def sync_load_hf(self):
+        """The usual way, for the sync benchmark: this worker's policy rank's whole HF tensors
+        through the colocated rollout's own loader (backend vllm: load_hf_weights)."""
+        self.backends["rollout"].load_hf_weights(self.backends["policy"].named_tensors())
+        return True
 
     def sync_run(self, role):
         """Separate pools: this process's part of the Resharder over the trainer+rollout group

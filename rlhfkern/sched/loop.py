@@ -223,7 +223,9 @@ class Engine:
         if not self.pull_sync:  # trainer ranks, then rollout ranks (the Resharder's order)
             groups.append(("sync", [s.worker for s in pl.slots["policy"] + pl.slots["rollout"]], nccl))
         init = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
-        ray.get([w.init_groups.remote(init, i, len(self.workers), groups) for i, w in enumerate(self.workers)])
+        replica_gpus = self._replica_gpus()
+        ray.get([w.init_groups.remote(init, i, len(self.workers), groups, replica_gpus.get(i, {}))
+                 for i, w in enumerate(self.workers)])
         plan = sync_plan(self.cfg)
         plan_ref = ray.put(plan)
         sync_workers = {s.worker for n in ("policy", "rollout") for s in pl.slots[n]}
@@ -235,6 +237,20 @@ class Engine:
             ray.get([w.measure.remote(True) for w in self.workers])
         self._sync(self.step)
         return self
+
+    def _replica_gpus(self):
+        """worker -> {model: the GPU ids of its rank's tp replica} for the models whose engine runs
+        its own tp workers (backend vllm: they must see the replica's GPUs)."""
+        out, pl = {}, self.placement
+        for n in self.cfg.model_names():
+            mc = self.cfg.model(n)
+            if mc.backend != "vllm" or pl.gpus is None:
+                continue
+            slots = pl.slots[n]
+            for r in range(0, mc.world, mc.tp):
+                ids = [pl.gpus[s.pool][s.bundle] for s in slots[r:r + mc.tp]]
+                out.setdefault(slots[r].worker, {})[n] = ids
+        return out
 
     def memory_comparison(self):
         """The estimate of every device's phases against the peaks its worker measured since the

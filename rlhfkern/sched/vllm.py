@@ -26,6 +26,7 @@ trainer's are over the whole vocabulary: rollout/logprob_diff_* then shows the g
 import os
 
 import torch
+import torch.distributed as dist
 
 from . import tasks
 
@@ -93,6 +94,14 @@ class WeightSync:
                 p.copy_(shard[n])
         return self.rlhfkern_repack()
 
+    def rlhfkern_load_hf(self, weights):
+        """The usual way, for comparison (bench/bench_vllm_sync.py): the whole HF tensors
+        ({name: tensor}, or safetensors bytes through the RPC) through vLLM's own loader, which
+        slices this rank's part; then re-packed."""
+        weights = _from_bytes(weights) if isinstance(weights, bytes) else weights
+        self._rlhfkern_model().load_weights(iter(weights.items()))
+        return self.rlhfkern_repack()
+
     def rlhfkern_state(self):
         """This rank's parameters as safetensors bytes (tests compare them bitwise)."""
         return _to_bytes({n: p.detach().cpu() for n, p in self._rlhfkern_model().named_parameters()})
@@ -131,18 +140,28 @@ class VLLMRollout:
         self.leader = rank % self.tp == 0
         self.replica = range(rank - rank % self.tp, rank - rank % self.tp + self.tp)  # its rollout ranks
         self.llm = self.live = None
-        self.sleeping = False
+        self.in_process = self.sleeping = False
         if self.leader:
-            self._start(cfg, name)
+            self._start(cfg, name, groups.get(("gpus", name)))
 
-    def _start(self, cfg, name):
+    def _start(self, cfg, name, gpus):
         for k, v in ENV.items():
             os.environ.setdefault(k, v)
+        # In this process (tp 1, the parameters written directly) only when this process is the
+        # engine's only one: vLLM takes an initialised torch.distributed world as its own, and a
+        # world of several workers would make its group set-up wait on processes that never join.
+        self.in_process = self.tp == 1 and (not dist.is_initialized() or dist.get_world_size() == 1)
         on_cpu = self.device.type == "cpu"
         if on_cpu:
             os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-            if self.tp > 1:  # one core per tp worker ('auto' fails on one NUMA node; nobind is 15x slower)
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % os.cpu_count()) for i in range(self.tp)))
+        if on_cpu and not self.in_process:
+            # vLLM's worker processes: one core each, replicas on the next ones ('auto' fails on
+            # one NUMA node; 'nobind' is 15x slower at tp 2)
+            first = self.replica[0]
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                  "|".join(str((first + i) % os.cpu_count()) for i in range(self.tp)))
+        elif self.tp > 1 and gpus:  # vLLM's tp workers (processes it starts) on the replica's GPUs;
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # Ray showed this actor its own only
         threads = torch.get_num_threads()
         from vllm import LLM
 
@@ -153,14 +172,14 @@ class VLLMRollout:
                        tensor_parallel_size=self.tp, enforce_eager=True, seed=cfg.train.seed,
                        max_model_len=max_model_len(cfg, name), kv_cache_memory_bytes=kv_cache_bytes(cfg, name),
                        logprobs_mode="processed_logprobs", enable_sleep_mode=not on_cpu,
-                       distributed_executor_backend="uni" if self.tp == 1 else "mp",
+                       distributed_executor_backend="uni" if self.in_process else "mp",
                        worker_extension_cls="rlhfkern.sched.vllm.WeightSync")
         torch.set_num_threads(threads)  # vLLM lowers it for serving; the trainers here keep theirs
         shapes = self.llm.collective_rpc("rlhfkern_prepare")
-        if self.tp == 1:  # the engine's own parameters, in this process
+        if self.in_process:  # the engine's own parameters
             model = self.llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
             self.live = dict(model.named_parameters())
-        else:  # this replica's shards are filled here, then sent to the workers
+        else:  # this replica's shards are filled here, then sent to its workers
             self.buffers = [{n: torch.zeros(s, dtype=self.dtype) for n, s in ranks.items()} for ranks in shapes]
 
     # ------------------------------------------------------------------------ rollout
@@ -194,16 +213,23 @@ class VLLMRollout:
     # ------------------------------------------------------------------------ weight sync
     def sync_targets(self):
         """{rollout rank: {name: tensor}}: where the sync plan writes this replica's weights."""
-        if self.tp == 1:
+        if self.in_process:
             return {self.rank: self.live}
         return {r: b for r, b in zip(self.replica, self.buffers)}
 
     def after_sync(self):
-        """The written weights into the engine: tp 1 re-packs (CPU); tp > 1 sends each worker its shard."""
-        if self.tp == 1:
+        """The written weights into the engine: in this process, re-packed (CPU); else each worker
+        gets its shard."""
+        if self.in_process:
             self.llm.collective_rpc("rlhfkern_repack")
         else:
             self.llm.collective_rpc("rlhfkern_load", args=([_to_bytes(b) for b in self.buffers],))
+        return True
+
+    def load_hf_weights(self, weights):
+        """Whole HF-named tensors through vLLM's loader on every tp rank (the baseline of the sync
+        benchmark: what frameworks do after gathering the trainer's weights)."""
+        self.llm.collective_rpc("rlhfkern_load_hf", args=(weights if self.in_process else _to_bytes(weights),))
         return True
 
     def tp_shards(self):
@@ -213,7 +239,7 @@ class VLLMRollout:
     def named_tensors(self):
         if not self.leader:
             return {}
-        return self.live if self.tp == 1 else self.buffers[0]
+        return self.live if self.in_process else self.buffers[0]
 
     # ------------------------------------------------------------------------ memory
     def offload(self):
