@@ -1,7 +1,7 @@
 """The megatron-core trainer backend (backend: megatron) against the hf one: the same log-probs
 and the same PPO step (weights unsharded through the reshard plan), in one process (gloo, tp 1)
-and in the engine on Ray (tp 2, policy and reference), its sharded checkpoints resuming bitwise,
-and the configs it refuses."""
+and in the engine on Ray (tp 2, pp 2, tp 2 x pp 2; policy and reference), its sharded
+checkpoints resuming bitwise, and the configs it refuses."""
 
 import os
 import random
@@ -27,6 +27,9 @@ SHORT = ["train.prompts_per_step=8", "rollout.samples_per_prompt=4", "train.mini
 TIMING = ("seconds", "tokens_per_second")
 TP2 = ["models.policy.backend=megatron", "models.policy.tp=2", "models.reference.backend=megatron",
        "models.reference.tp=2", "placement.devices_per_node=2", "placement.colocate=[[policy, reference, rollout]]"]
+PP2 = ["models.policy.backend=megatron", "models.policy.pp=2", "models.reference.backend=megatron",
+       "models.reference.pp=2", "placement.devices_per_node=2", "placement.colocate=[[policy, reference, rollout]]"]
+TP2PP2 = [*TP2, "models.policy.pp=2", "models.reference.pp=2", "placement.devices_per_node=4"]
 
 
 @pytest.fixture
@@ -92,27 +95,43 @@ def first_step(e):
     return lp, {k: v for k, v in e.history[-1].items() if k not in TIMING}, e.weights("rollout")
 
 
-@pytest.mark.parametrize("model", [[], ["models.policy.model.hf_config.num_key_value_heads=1"]], ids=["mha", "kv1"])
-def test_megatron_tp2_in_the_engine_equals_hf(ray_gpus, tmp_path, model):
-    """Policy and reference on megatron tp 2 (the rollout hf, synced through the plan from
-    megatron's layout): step 0's log-probs and the first step's metrics and weights equal an
-    hf run's. kv1: one KV head, tp past it (each rank holds part of megatron's one qkv group)."""
+KV1 = ["models.policy.model.hf_config.num_key_value_heads=1"]
+TIED = ["models.policy.model.hf_config.tie_word_embeddings=true"]
+
+
+@pytest.mark.parametrize("layout,model", [(TP2, []), (TP2, KV1), (PP2, []), (PP2, TIED), (TP2PP2, [])],
+                         ids=["tp2-mha", "tp2-kv1", "pp2", "pp2-tied", "tp2-pp2"])
+def test_megatron_in_the_engine_equals_hf(ray_gpus, tmp_path, layout, model):
+    """Policy and reference on megatron tp 2, pp 2 or both (the rollout hf, synced through the
+    plan from megatron's layout): step 0's log-probs and the first step's metrics and weights
+    equal an hf run's. kv1: one KV head, tp past it (each rank holds part of megatron's one qkv
+    group). pp: one layer per stage, the hidden states and their gradients sent between stages;
+    tied: the last stage's copy of the embedding gets the same update as the first stage's."""
     hf = engine(tmp_path / "hf", *model)
     try:
         lp_hf, m_hf, w_hf = first_step(hf)
     finally:
         hf.shutdown()
-    mg = engine(tmp_path / "mg", *TP2, *model)
+    mg = engine(tmp_path / "mg", *layout, *model)
     try:
         lp_mg, m_mg, w_mg = first_step(mg)
         import ray
 
         from rlhfkern.sched.memory import model_memory
 
-        for name in ("policy", "reference"):  # the plan counts a tp rank's shards exactly
+        for name in ("policy", "reference"):  # the plan counts a tp rank's shards exactly (pp: stage 0's)
             mm = model_memory(mg.cfg, name)
-            assert [ray.get(r.call("memory_bytes")) for r in mg.ranks[name]] == \
-                [{"weights": mm.weights, "gradients": mm.gradients, "optimizer": mm.optimizer}] * 2, name
+            tp = mg.cfg.model(name).tp
+            assert [ray.get(r.call("memory_bytes")) for r in mg.ranks[name][:tp]] == \
+                [{"weights": mm.weights, "gradients": mm.gradients, "optimizer": mm.optimizer}] * tp, name
+        names = [set(ray.get(r.call("named_tensors"))) for r in mg.ranks["policy"]]
+        assert len(names) == mg.cfg.models.policy.world
+        assert "embedding.word_embeddings.weight" in names[0] and "output_layer.weight" in names[-1]
+        if mg.cfg.models.policy.pp > 1:  # the stages hold their own parts
+            assert "output_layer.weight" not in names[0] and "embedding.word_embeddings.weight" not in names[-1]
+            if model == TIED:
+                first, last = (ray.get(mg.ranks["policy"][i].call("named_tensors")) for i in (0, -1))
+                assert (first["embedding.word_embeddings.weight"] == last["output_layer.weight"]).all()  # numpy
     finally:
         mg.shutdown()
     torch.testing.assert_close(lp_mg, lp_hf, rtol=0, atol=1e-5)
@@ -125,11 +144,12 @@ def test_megatron_tp2_in_the_engine_equals_hf(ray_gpus, tmp_path, model):
         torch.testing.assert_close(w_mg[n], t, rtol=0, atol=1e-5, msg=n)
 
 
-def test_megatron_checkpoints_resume_bitwise(ray_gpus, tmp_path):
-    """Each tp rank saves its own shard (megatron.pt, optimizer.pt); a fresh engine resumed from
-    step 1 repeats step 2 bitwise."""
+@pytest.mark.parametrize("layout", [TP2, PP2], ids=["tp2", "pp2"])
+def test_megatron_checkpoints_resume_bitwise(ray_gpus, tmp_path, layout):
+    """Each tp (or pp) rank saves its own shard (megatron.pt, optimizer.pt); a fresh engine
+    resumed from step 1 repeats step 2 bitwise."""
     ckpt = [f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every_steps=1"]
-    e = engine(tmp_path / "a", *TP2, *ckpt)
+    e = engine(tmp_path / "a", *layout, *ckpt)
     try:
         e.learn(2)
         full = [{k: v for k, v in m.items() if k not in TIMING} for m in e.history]
@@ -138,7 +158,7 @@ def test_megatron_checkpoints_resume_bitwise(ray_gpus, tmp_path):
         e.shutdown()
     assert sorted(os.listdir(tmp_path / "ckpt" / "step_1" / "policy")) == ["rank_0", "rank_1"]
     assert sorted(os.listdir(tmp_path / "ckpt" / "step_1" / "policy" / "rank_1")) == ["megatron.pt", "optimizer.pt"]
-    r = engine(tmp_path / "b", *TP2)
+    r = engine(tmp_path / "b", *layout)
     try:
         r.resume(str(tmp_path / "ckpt" / "step_1"))
         r.learn(1)
@@ -156,7 +176,7 @@ def test_megatron_checkpoints_resume_bitwise(ray_gpus, tmp_path):
 
 @pytest.mark.parametrize("override,key,message", [
     ("models.rollout.backend=megatron", "models.rollout.backend", "runs the policy trainer and the reference"),
-    ("models.policy.pp=2", "models.policy.pp", "pp=1 for now"),
+    ("models.policy.pp=3", "models.policy.pp", "pp=3 must divide the layers (2)"),
     ("models.policy.tp=3", "models.policy.tp", "does not divide the 4 attention heads"),
     (["models.policy.model.hf_config.num_attention_heads=12", "models.policy.model.hf_config.hidden_size=96",
       "models.policy.model.hf_config.num_key_value_heads=4", "models.policy.tp=6", "placement.devices_per_node=6"],

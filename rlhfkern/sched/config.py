@@ -78,7 +78,7 @@ class _Placed(_Strict):
     model: ModelSource | None = Field(None, description="null for rollout/reference/value/reward models: the "
                                       "policy's source")
     backend: Literal["hf", "megatron", "vllm"] = Field("hf", description="hf: transformers model, torch DDP over "
-                                                       "dp; megatron: megatron-core GPTModel, tp and dp (policy, "
+                                                       "dp; megatron: megatron-core GPTModel, tp, pp and dp (policy, "
                                                        "reference); vllm: a vLLM engine per dp replica, tp (rollout)")
     tp: PositiveInt = 1
     pp: PositiveInt = 1
@@ -363,8 +363,6 @@ class EngineConfig(_Strict):
                 if name not in ("policy", "reference"):
                     problems.append((f"{key}.backend", "backend megatron runs the policy trainer and the reference "
                                      "(the value and reward models run backend hf, the rollout hf or vllm)"))
-                if mc.pp > 1:
-                    problems.append((f"{key}.pp", "backend megatron runs pp=1 for now (tp and dp)"))
                 if name == "policy" and ("sft" in self.stages or "rm" in self.stages):
                     problems.append(("stages", "the sft and rm stages run on backend hf models"))
             if mc.backend == "vllm":
@@ -377,13 +375,13 @@ class EngineConfig(_Strict):
                 continue
             if heads is not None and heads % mc.tp:
                 problems.append((f"{key}.tp", f"tp={mc.tp} does not divide the {heads} attention heads"))
-            elif mc.backend == "megatron":  # megatron-core's other rules (KV heads, ffn), as MegatronLayout checks them
+            elif mc.backend == "megatron":  # megatron-core's other rules (KV heads, ffn, layers per stage), as MegatronLayout checks them
                 try:
                     from ..reshard import MegatronLayout, ModelSpec
 
-                    MegatronLayout(ModelSpec.from_hf_config(hf), mc.tp)
+                    MegatronLayout(ModelSpec.from_hf_config(hf), mc.tp, mc.pp)
                 except ValueError as e:
-                    problems.append((f"{key}.tp", str(e)))
+                    problems.append((f"{key}.pp" if str(e).startswith("Megatron pp=") else f"{key}.tp", str(e)))
             per = self.train.prompts_per_step * self.rollout.samples_per_prompt
             if per % mc.dp:
                 problems.append((f"{key}.dp", f"dp={mc.dp} must divide the batch of {per} sequences"))

@@ -1,5 +1,5 @@
-"""The megatron-core trainer backend (`backend: megatron`): a GPTModel per rank, tensor and data
-parallel over the engine's own process groups.
+"""The megatron-core trainer backend (`backend: megatron`): a GPTModel per rank, tensor, pipeline
+and data parallel over the engine's own process groups.
 
 The model is megatron-core 0.16.1's GPTModel (local layer spec: RMSNorm, SwiGLU, rotary, grouped
 query attention) built from the model's HF config with the names and shapes of
@@ -13,6 +13,10 @@ The policy's log-probs and entropy come from the vocab-parallel output layer: ea
 logits cover its vocabulary shard (padding columns masked), and `rlhfkern.logprobs(...,
 tp_group=...)` combines them with two all-reduces; the [tokens, vocab] logits are never
 gathered.
+
+Pipeline stages (pp > 1) hold the layers MegatronLayout gives them (stage 0 the embedding, the
+last the final norm and output layer) and run an explicit pipeline over the pp group (no
+megatron schedules, which need its global parallel_state): see MegatronBackend.
 """
 
 import contextlib
@@ -44,14 +48,17 @@ def rank_groups(tp, pp, dp):
             "dp": [[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)]}
 
 
-def build_gpt(hf_config, layout, tp_group, pp_group, dtype):
-    """megatron-core's GPTModel for one rank of `layout` (a MegatronLayout), on the CPU."""
+def build_gpt(hf_config, layout, tp_group, pp_group, dtype, stage=0):
+    """megatron-core's GPTModel for one rank of `layout` (a MegatronLayout), pipeline stage
+    `stage` (megatron numbers its layers from the stage's pp-group rank: they must agree), on the CPU."""
     import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer import TransformerConfig
 
+    if pp_group.rank() != stage or pp_group.size() != layout.pp:
+        raise ValueError(f"stage {stage} of {layout.pp} is rank {pp_group.rank()} of {pp_group.size()} in its pp group")
     spec = layout.spec
     tc = TransformerConfig(num_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
                            num_query_groups=spec.kv_heads, ffn_hidden_size=spec.ffn, kv_channels=spec.head_dim,
@@ -61,19 +68,32 @@ def build_gpt(hf_config, layout, tp_group, pp_group, dtype):
                            layernorm_epsilon=hf_config.rms_norm_eps, tensor_model_parallel_size=layout.tp,
                            pipeline_model_parallel_size=layout.pp, pipeline_dtype=dtype, params_dtype=dtype,
                            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
-    # no context parallelism: its group is this rank alone, as the pp group is while pp is 1
-    groups = ProcessGroupCollection(tp=tp_group, pp=pp_group, cp=pp_group, embd=tp_group, pos_embd=tp_group,
+    # no context parallelism (a group of this rank alone); embd None: with pp > 1 and tied
+    # embeddings megatron would all-reduce the last stage's copy on CUDA at build time, where
+    # MegatronBackend copies the weights in and keeps the two copies' gradients equal itself
+    groups = ProcessGroupCollection(tp=tp_group, pp=pp_group, cp=_OneRank(), embd=None, pos_embd=tp_group,
                                     tp_cp=tp_group, mp=tp_group)
     theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta") or getattr(hf_config, "rope_theta", 10000)
     model = GPTModel(tc, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm),
                      vocab_size=layout.padded_vocab, max_sequence_length=hf_config.max_position_embeddings,
                      share_embeddings_and_output_weights=spec.tied, position_embedding_type="rope",
-                     rotary_base=int(theta), pre_process=True, post_process=True, pg_collection=groups)
+                     rotary_base=int(theta), pre_process=stage == 0, post_process=stage == layout.pp - 1,
+                     pg_collection=groups)
     if spec.kv_heads < layout.tp:
         for layer in model.decoder.layers:
             layer.self_attention.register_forward_pre_hook(_own_tp_group)
             layer.self_attention.register_forward_hook(_own_tp_group_done, always_call=True)
     return model
+
+
+class _OneRank:
+    """A process group of this rank alone as megatron asks it (size, rank): context parallelism off."""
+
+    def size(self):
+        return 1
+
+    def rank(self):
+        return 0
 
 
 def _own_tp_group(attention, args):
