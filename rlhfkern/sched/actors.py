@@ -354,7 +354,7 @@ class HFBackend:
     def _step(self, loss, step, epoch, k):
         """Backward and optimizer step, unless the loss is not finite on some dp rank (then every
         rank raises, nothing is applied)."""
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)  # (NCCL: on the GPU)
         if self.world > 1:
             dist.all_reduce(bad, group=self.group)
         if bad.item():
@@ -377,7 +377,7 @@ class HFBackend:
 
     def _global_count(self, n):
         """A count summed over the dp ranks."""
-        n = torch.as_tensor(n, dtype=torch.float64)
+        n = torch.as_tensor(n, dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(n, group=self.group)
         return float(n)
@@ -471,9 +471,9 @@ class HFBackend:
 
     def _agreement(self, trainer, rollout, where):
         """{rollout/logprob_diff_mean, _max}: |trainer - rollout| log-probs over `where`, all dp ranks."""
-        diff = (trainer - rollout).abs()[where].to(torch.float64)
-        stats = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=torch.float64)])
-        top = diff.max() if diff.numel() else torch.zeros((), dtype=torch.float64)
+        diff = (trainer - rollout).abs()[where].to(self.device, torch.float64)
+        stats = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=torch.float64, device=self.device)])
+        top = diff.max() if diff.numel() else torch.zeros((), dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(stats, group=self.group)
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
@@ -691,7 +691,7 @@ class MegatronBackend(HFBackend):
         """HFBackend._step with the pipeline's backward: the last stage from its loss, the others
         from the gradient of their output the next stage sends; each stage past the first sends
         the gradient of its input back. (Every stage has the same loss: its finiteness agrees.)"""
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)  # (NCCL: on the GPU)
         if self.world > 1:
             dist.all_reduce(bad, group=self.group)
         if bad.item():
@@ -950,12 +950,6 @@ class ModelWorker:
         with torch.no_grad():
             apply(self.sync_plan, shards, out=rollout.sync_targets())
         return rollout.after_sync()
-
-    def sync_load_hf(self):
-        """The usual way, for the sync benchmark: this worker's policy rank's whole HF tensors
-        through the colocated rollout's own loader (backend vllm: load_hf_weights)."""
-        self.backends["rollout"].load_hf_weights(self.backends["policy"].named_tensors())
-        return True
 
     def sync_run(self, role):
         """Separate pools: this process's part of the Resharder over the trainer+rollout group
