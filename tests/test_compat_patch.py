@@ -117,7 +117,9 @@ def test_trl_patch(spied):
 
     spy, counts = spied
     spy(compat, "selective_log_softmax")
-    handle, originals, before = assert_patched_and_undone(compat, "trl", [(sdpo, "selective_log_softmax")])
+    with pytest.warns(UserWarning, match=r"TRL 1\.16\.0's GRPOTrainer does not call selective_log_softmax.*"
+                                         r"ChunkedLogProbFunction"):
+        handle, originals, before = assert_patched_and_undone(compat, "trl", [(sdpo, "selective_log_softmax")])
     try:
         student, teacher = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
         ids = torch.randint(0, 9, (2, 4))
@@ -127,6 +129,46 @@ def test_trl_patch(spied):
         handle.undo()
     assert holders("trl", originals.values()) == before
     assert sdpo.selective_log_softmax is originals["selective_log_softmax"]
+
+
+def test_trl_patch_never_silently_does_nothing(monkeypatch):
+    """patch() warns, naming the TRL version, when it replaces nothing (here: already patched);
+    a GRPOTrainer that calls selective_log_softmax (TRL <= 1.14, stood in by a module holding
+    TRL's function) is patched without a warning; a TRL without selective_log_softmax_and_entropy
+    (before 1.15) is patched for the other two."""
+    need("trl", extra="test")
+    import trl
+    import trl.trainer.utils as trl_utils
+
+    from rlhfkern.compat import trl as compat
+
+    with pytest.warns(UserWarning, match="GRPOTrainer"):
+        first = compat.patch()
+    try:
+        with pytest.warns(UserWarning, match=rf"replaced nothing in TRL {trl.__version__}"):
+            second = compat.patch()
+        assert second.replaced == []
+    finally:
+        first.undo()
+
+    older = types.ModuleType("trl.trainer.grpo_trainer")  # `from .utils import selective_log_softmax, ...`
+    older.selective_log_softmax = trl_utils.selective_log_softmax
+    older.entropy_from_logits = trl_utils.entropy_from_logits
+    monkeypatch.setitem(sys.modules, older.__name__, older)
+    monkeypatch.setattr(compat, "_grpo_trainer", lambda: older)
+    monkeypatch.delattr(trl_utils, "selective_log_softmax_and_entropy")
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        handle = compat.patch()
+    try:
+        assert not [w for w in seen if "rlhfkern" in str(w.message)], [str(w.message) for w in seen]
+        assert older.selective_log_softmax is compat.selective_log_softmax
+        assert older.entropy_from_logits is compat.entropy_from_logits
+        assert handle.missing == ["trl.trainer.utils.selective_log_softmax_and_entropy"]
+    finally:
+        handle.undo()
+    assert older.selective_log_softmax is trl_utils.selective_log_softmax
 
 
 class _StandIn(types.ModuleType):

@@ -243,6 +243,89 @@ def test_compat_openrlhf_and_trl_match(monkeypatch, backend_device):
         close(ent, want_ent, 1e-5, 1e-5)
 
 
+HALF_AND_FULL = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("backend_device", DROPIN, ids=lambda p: f"{p[0]}-{p[1]}")
+def test_compat_trl_dtypes(monkeypatch, backend_device):
+    """TRL's dtype contract: each drop-in returns the logits' dtype, as TRL 1.16 does (its tests
+    assert it). Values: ours (float32 inside, rounded once) is never farther from float64 than
+    TRL's own function; ours and TRL's agree within the sum of the two measured errors (largest seen:
+    fp16 log-probs 8e-3, bf16 6.4e-2, bf16 entropy 1.0e-1, all TRL's: see rlhfkern/compat/trl.py)."""
+    need("trl", extra="test")
+    from trl.trainer import utils as trl_utils
+
+    backend, device = backend_device
+    monkeypatch.setenv("RLHFKERN_BACKEND", backend)
+    interpreted = backend == "triton" and device == "cpu"
+    shapes = [(2, 8, 1024)] if interpreted else [(4, 32, 1024), (2, 16, 32000)]
+    gen = torch.Generator().manual_seed(0)
+    for B, T, V in shapes:
+        x64 = torch.randn(B, T, V, dtype=torch.float64, generator=gen) * (1.0 if V < 2000 else 3.0)
+        ids = torch.randint(0, V, (B, T), generator=gen)
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[0, -2:] = 0
+        for dtype in HALF_AND_FULL:
+            x = x64.to(dtype)
+            ref_lp = torch.gather(x.double().log_softmax(-1), -1, ids[..., None])[..., 0]
+            ref_ent = -(x.double().softmax(-1) * x.double().log_softmax(-1)).sum(-1)
+            xd, idsd, maskd = x.to(device), ids.to(device), mask.to(device)
+            both = compat_trl.selective_log_softmax_and_entropy(xd, idsd)
+            pairs = [  # (ours, TRL's, float64 reference)
+                (compat_trl.selective_log_softmax(xd, idsd), trl_utils.selective_log_softmax(x, ids), ref_lp),
+                (compat_trl.entropy_from_logits(xd), trl_utils.entropy_from_logits(x), ref_ent),
+                (both[0], trl_utils.selective_log_softmax_and_entropy(x, ids)[0], ref_lp),
+                (both[1], trl_utils.selective_log_softmax_and_entropy(x, ids)[1], ref_ent),
+                (compat_trl.selective_log_softmax(xd, idsd, row_mask=maskd),
+                 trl_utils.selective_log_softmax(x, ids, row_mask=mask), ref_lp * mask),
+            ]
+            floor = {torch.float64: 1e-12, torch.float32: 2e-5}.get(dtype, 0.0)
+            for i, (ours, theirs, ref) in enumerate(pairs):
+                assert ours.dtype == theirs.dtype == dtype, (i, dtype, ours.dtype, theirs.dtype)
+                assert ours.device.type == torch.device(device).type
+                err_ours = (ours.cpu().double() - ref).abs().max().item()
+                err_trl = (theirs.double() - ref).abs().max().item()
+                assert err_ours <= max(err_trl, floor), (i, dtype, V, err_ours, err_trl)
+                close(ours, theirs, 0, err_ours + err_trl + floor)
+
+
+def test_compat_trl_one_pass_equals_the_two_calls():
+    """selective_log_softmax_and_entropy == (selective_log_softmax, entropy_from_logits), bitwise,
+    with temperature, row_mask and entropy_requires_grad=False; gradients too."""
+    gen = torch.Generator().manual_seed(1)
+    for dtype in HALF_AND_FULL:
+        x = (torch.randn(3, 5, 300, generator=gen) * 2).to(dtype)
+        ids = torch.randint(0, 300, (3, 5), generator=gen)
+        mask = torch.ones(3, 5, dtype=torch.long)
+        mask[1, 3:] = 0
+        for kw in (dict(), dict(temperature=0.7), dict(temperature=1.3, row_mask=mask)):
+            a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+            lp, ent = compat_trl.selective_log_softmax_and_entropy(a, ids, **kw)
+            want_lp = compat_trl.selective_log_softmax(b, ids, **kw)
+            # TRL divides the logits by the temperature in their dtype; the drop-in scales in float32
+            # inside, so the entropy is compared to the scaled logits' one computed in float64
+            temperature = kw.get("temperature", 1.0)
+            want_ent = compat_trl.entropy_from_logits(b if temperature == 1.0 else b.double() / temperature)
+            if "row_mask" in kw:
+                want_ent = want_ent.masked_fill(mask == 0, 0.0)
+            assert lp.dtype == ent.dtype == dtype
+            assert torch.equal(lp, want_lp), (dtype, kw)
+            if temperature == 1.0:
+                assert torch.equal(ent, want_ent), (dtype, kw)
+            else:  # within one rounding of the dtype (float32: the float32 kernel's own error)
+                rtol, atol = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}.get(
+                    dtype, (torch.finfo(dtype).eps, 1e-6))
+                close(ent, want_ent, rtol, atol)
+            ga = torch.autograd.grad((lp.float().sum() + ent.float().sum()), a)[0]
+            gb = torch.autograd.grad((want_lp.float().sum() + want_ent.float().sum()), b)[0]
+            # one pass rounds the summed gradient once, the two calls each theirs: within 2 roundings
+            half = dtype in (torch.float16, torch.bfloat16)
+            close(ga, gb, 2 * torch.finfo(dtype).eps if half else 1e-5, 1e-3 if half else 1e-5)
+        _, ent = compat_trl.selective_log_softmax_and_entropy(x.clone().requires_grad_(), ids,
+                                                              entropy_requires_grad=False)
+        assert not ent.requires_grad
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_names_the_argument():
     x, labels = make(3, 10)

@@ -23,6 +23,8 @@ class Patch:
         self.package = package
         self._undo = []      # (kind, holder, key, original)
         self.replaced = []   # "module.attr" / "module.DICT[key]" strings, for reports and tests
+        self.missing = []    # "module.name" of optional targets this version of the package lacks
+        self.originals = []  # the framework's functions this patch looked for
 
     def _set(self, kind, holder, key, value, original, where):
         self._undo.append((kind, holder, key, original))
@@ -58,15 +60,20 @@ def _import(module_name, package):
                           f"is {package} installed with its own dependencies?") from e
 
 
-def patch(package, targets, drop_ins):
+def patch(package, targets, drop_ins, optional=()):
     """targets: {defining module: (names...)}; drop_ins: the module holding the replacements under
     the same names (read now). Replaces every reference, in the imported modules of `package`, to
-    each original object; returns the Patch (undo handle)."""
+    each original object; returns the Patch (undo handle). A name in `optional` that its module
+    lacks (an older version of the package) is skipped and listed in the handle's `missing`."""
     originals = {}  # id(original) -> (original, replacement)
+    missing = []
     for module_name, names in targets.items():
         module = _import(module_name, package)
         for name in names:
             replacement = getattr(drop_ins, name)
+            if not hasattr(module, name) and name in optional:
+                missing.append(f"{module_name}.{name}")
+                continue
             if not hasattr(module, name):
                 raise AttributeError(f"rlhfkern.compat.{package}.patch(): {module_name} has no {name!r}: "
                                      f"not the {package} version these drop-ins follow")
@@ -74,6 +81,8 @@ def patch(package, targets, drop_ins):
             if original is not replacement:  # already patched: nothing to do for it
                 originals[id(original)] = (original, replacement)
     handle = Patch(package)
+    handle.missing = missing
+    handle.originals = [original for original, _ in originals.values()]
     prefix = package + "."
     for module_name, module in list(sys.modules.items()):
         if module is None or not (module_name == package or module_name.startswith(prefix)):

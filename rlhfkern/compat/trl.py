@@ -4,10 +4,28 @@
     from rlhfkern.compat.trl import selective_log_softmax, entropy_from_logits
     rlhfkern.compat.trl.patch()    # or: installed into TRL itself (undo handle returned)
 
-Results are float32 whatever the logits dtype (TRL keeps bf16 logits in bf16).
+Dtypes, as TRL's: the results have the logits' dtype (float16, bfloat16, float32, float64). The
+kernels compute in float32 (float64 for float64 logits) and round the result once to the logits'
+dtype, so a half-precision result is the correctly rounded float32 value. TRL's CPU fallback for
+half-precision logits runs `log_softmax` in that dtype, and TRL's tests ask `torch.equal` with
+it: our rounding differs from it in the last bit for about 20% of the log-probs (not bitwise
+equal), and is the closer one to float64. Measured against float64 on [4, 32, V] logits (CPU,
+torch.randn, scale 1 for V = 1024, 3 for V = 32000), largest absolute error, ours | TRL 1.16:
+  log-probs  fp16: 3.7e-3 | 4.4e-3 (V 1024), 7.7e-3 | 8.0e-3 (V 32000)
+             bf16: 3.1e-2 | 4.3e-2 (V 1024), 6.2e-2 | 6.4e-2 (V 32000)
+  entropy    fp16: 1.9e-3 | 1.4e-2,  bf16: 1.6e-2 | 1.0e-1 (both V)
+(tests/test_logprob.py::test_compat_trl_dtypes checks ours is never the farther from float64.)
+
+TRL 1.15+ GRPOTrainer (also RLOO, SFT, DPO, KTO) computes its log-probs and entropy through
+its own fused LM head, not through these functions: `add_fused_lm_head` (trl/trainer/utils.py)
+patches the model's forward, which calls `trl.kernels.ChunkedLogProbFunction.apply(hidden, weight,
+bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)`. patch()
+does not replace that, and says so with a warning.
 """
 
+import importlib
 import sys
+import warnings
 
 import torch
 
@@ -25,36 +43,74 @@ def _skipping_masked_rows(index, temperature, row_mask):
 
 def selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
     """TRL selective_log_softmax: log_softmax(logits / temperature) gathered at index [...] or
-    [..., K]; positions where row_mask == 0 give 0 (and no gradient)."""
-    return _lp.logprobs(logits, _skipping_masked_rows(index, temperature, row_mask), temperature=temperature)
+    [..., K]; positions where row_mask == 0 give 0 (and no gradient). In the logits' dtype."""
+    logprobs = _lp.logprobs(logits, _skipping_masked_rows(index, temperature, row_mask), temperature=temperature)
+    return logprobs.to(logits.dtype)
 
 
 def selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True, temperature=1.0, row_mask=None):
-    """TRL selective_log_softmax_and_entropy: (log-probs at index, entropy) of
-    softmax(logits / temperature) in one pass over the logits; rows where row_mask == 0 give 0
-    for both. index: [...] (one token per row)."""
+    """TRL selective_log_softmax_and_entropy (TRL 1.16, trl/trainer/utils.py): (log-probs at index,
+    entropy) of softmax(logits / temperature) in one pass over the logits, both in the logits'
+    dtype; rows where row_mask == 0 give 0 for both. index: [...] (one token per row)."""
     index = _skipping_masked_rows(index, temperature, row_mask)
     logprobs, entropy = _lp.logprobs(logits, index, temperature=temperature, return_entropy=True)
     if row_mask is not None:
         entropy = entropy.masked_fill(row_mask == 0, 0.0)
+    logprobs, entropy = logprobs.to(logits.dtype), entropy.to(logits.dtype)
     return logprobs, entropy if entropy_requires_grad else entropy.detach()
 
 
 def entropy_from_logits(logits, chunk_size=128):
-    """TRL entropy_from_logits (chunk_size is accepted and not needed: no [N, V] intermediate)."""
+    """TRL entropy_from_logits, in the logits' dtype (chunk_size is accepted and not needed: no
+    [N, V] intermediate)."""
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return _lp.logprobs(logits, labels, return_entropy=True)[1]
+    return _lp.logprobs(logits, labels, return_entropy=True)[1].to(logits.dtype)
 
 
 # Where each drop-in replaces TRL's (its defining module).
 TARGETS = {"trl.trainer.utils": ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy")}
+OPTIONAL = ("selective_log_softmax_and_entropy",)  # not in TRL before 1.15
+
+
+def _trl_version():
+    try:
+        import trl
+        return getattr(trl, "__version__", "(unknown version)")
+    except ImportError:
+        return "(not importable)"
+
+
+def _grpo_trainer():
+    """trl.trainer.grpo_trainer, or None where it does not import (e.g. a missing optional dependency)."""
+    try:
+        return importlib.import_module("trl.trainer.grpo_trainer")
+    except Exception:  # noqa: BLE001 - any failure of TRL's own import means: cannot tell
+        return None
 
 
 def patch():
-    """Installs these drop-ins into the installed TRL (every module holding one of them, e.g. the
-    experimental trainers' `from ...trainer.utils import selective_log_softmax`). TRL 1.16's
-    GRPOTrainer computes its log-probs with its own fused LM head and is not affected. Returns the
-    undo handle."""
+    """Installs these drop-ins into the installed TRL: every module holding one of them (TRL <= 1.14's
+    GRPOTrainer, the experimental trainers' `from ...trainer.utils import selective_log_softmax`).
+    Warns, naming the TRL version, when it replaces nothing, and when GRPOTrainer does not call
+    these functions (TRL 1.15+: its fused LM head, see the module docstring). Returns the undo
+    handle."""
     from . import _patch
 
-    return _patch.patch("trl", TARGETS, sys.modules[__name__])
+    grpo = _grpo_trainer()  # imported first, so that its references are among those replaced
+    handle = _patch.patch("trl", TARGETS, sys.modules[__name__], optional=OPTIONAL)
+    version = _trl_version()
+    utils = sys.modules["trl.trainer.utils"]
+    if grpo is not None:  # GRPOTrainer is affected iff it held one of the originals
+        grpo_unaffected = not any(where.startswith("trl.trainer.grpo_trainer.") for where in handle.replaced)
+    else:  # not importable here; importing it later binds the replacements, unless it uses the fused head
+        grpo_unaffected = hasattr(utils, "add_fused_lm_head")
+    if not handle.replaced:
+        warnings.warn(f"rlhfkern.compat.trl.patch() replaced nothing in TRL {version}: no imported TRL module "
+                      "holds selective_log_softmax / entropy_from_logits (already patched?)", stacklevel=2)
+    elif grpo_unaffected:
+        how = ("computes them through its fused LM head (trl.trainer.utils.add_fused_lm_head -> "
+               "trl.kernels.ChunkedLogProbFunction)" if hasattr(utils, "add_fused_lm_head") else "computes them otherwise")
+        warnings.warn(f"rlhfkern.compat.trl.patch(): TRL {version}'s GRPOTrainer does not call selective_log_softmax / "
+                      f"entropy_from_logits for its log-probs and entropy, it {how}, which this patch does not "
+                      f"replace: GRPOTrainer keeps TRL's kernels. Replaced: {', '.join(handle.replaced)}", stacklevel=2)
+    return handle
