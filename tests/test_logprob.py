@@ -289,6 +289,24 @@ def test_compat_trl_dtypes(monkeypatch, backend_device):
                 close(ours, theirs, 0, err_ours + err_trl + floor)
 
 
+def test_compat_verl_openrlhf_dtypes():
+    """Output dtypes of the log-prob drop-ins equal the installed peers' (verl without flash-attn
+    here: its logprobs_from_logits returns float32 on its GPU flash-attn path, ours always does)."""
+    need("verl", extra="test")
+    import verl.utils.torch_functional as verl_F
+
+    _, openrlhf_utils = openrlhf_losses()
+    x64 = torch.randn(2, 3, 200, dtype=torch.float64) * 3
+    labels = torch.randint(0, 200, (2, 3))
+    for dtype in HALF_AND_FULL:
+        x = x64.to(dtype)
+        assert compat_verl.entropy_from_logits(x).dtype == verl_F.entropy_from_logits(x).dtype == dtype
+        ours = compat_openrlhf.log_probs_from_logits(x, labels, 0.7)
+        assert ours.dtype == openrlhf_utils.log_probs_from_logits(x.clone(), labels, 0.7).dtype == dtype
+        assert compat_verl.logprobs_from_logits(x, labels).dtype == (torch.float64 if dtype == torch.float64
+                                                                     else torch.float32)
+
+
 def test_compat_trl_one_pass_equals_the_two_calls():
     """selective_log_softmax_and_entropy == (selective_log_softmax, entropy_from_logits), bitwise,
     with temperature, row_mask and entropy_requires_grad=False; gradients too."""

@@ -11,7 +11,8 @@ sample-level loss our "seq-mean-token-mean". Differences, all deliberate: masked
 reach a loss (OpenRLHF's `loss * mask` turns a nan/inf there into a nan loss); at exact ties of
 the value clip (|v - old| == clip_eps) the gradient is split in halves as torch.max/min do rather
 than passed whole as torch.clamp does. policy_loss_type="gspo" is not provided: it raises. log_probs_from_logits leaves the logits as
-they are (OpenRLHF divides them by the temperature in place) and returns float32.
+they are (OpenRLHF divides them by the temperature in place) and returns the logits' dtype, as
+OpenRLHF's. PolicyLoss and ValueLoss return float32 for bf16/fp16 inputs (OpenRLHF: the input dtype).
 """
 
 import sys
@@ -147,8 +148,10 @@ def compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimato
 
 
 def log_probs_from_logits(logits, labels, temperature=1.0):
-    """OpenRLHF log_probs_from_logits: log-probs of labels under softmax(logits / temperature)."""
-    return _lp.logprobs(logits, labels, temperature=temperature)
+    """OpenRLHF log_probs_from_logits: log-probs of labels under softmax(logits / temperature), in
+    the logits' dtype as OpenRLHF's (computed in float32, rounded once; OpenRLHF's flash-attn path
+    returns float32 for float64 logits, this float64)."""
+    return _lp.logprobs(logits, labels, temperature=temperature).to(logits.dtype)
 
 
 # Where each drop-in replaces OpenRLHF's (its defining module; openrlhf.models re-exports the losses).

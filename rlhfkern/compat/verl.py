@@ -4,7 +4,8 @@
     rlhfkern.compat.verl.patch()    # or: installed into verl itself (undo handle returned)
 
 Differences, all deliberate: outputs are float32 for bf16/fp16 inputs (verl computes in the
-input dtype); a bool response_mask is accepted (verl's `1 - mask` rejects it); masked-out tokens
+input dtype) except masked_whiten, agg_loss and entropy_from_logits, which return the input dtype
+as verl's do; a bool response_mask is accepted (verl's `1 - mask` rejects it); masked-out tokens
 never reach a loss, also in the seq-mean modes (verl's `loss * mask` there turns a nan/inf log-prob
 of a padding token into a nan loss); a torch.Tensor `index` groups rows by value (verl's dict keys
 would be the tensor elements' identities, never equal).
@@ -155,15 +156,18 @@ def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_
 
 # ----------------------------------------------------------------------------- log-probs
 def logprobs_from_logits(logits, labels, inplace_backward=True):
-    """verl logprobs_from_logits: log-probs of labels, float32; the backward writes into the
-    logits when inplace_backward (as verl's flash-attn path does)."""
+    """verl logprobs_from_logits: log-probs of labels, float32 (float64 for float64 logits) as
+    verl's flash-attn path returns on GPUs (verl's torch fallback, without flash-attn, returns the
+    logits' dtype); the backward writes into the logits when inplace_backward (as verl's
+    flash-attn path does)."""
     return _lp.logprobs(logits, labels, inplace_backward=inplace_backward)
 
 
 def entropy_from_logits(logits):
-    """verl entropy_from_logits: H = logsumexp(z) - sum softmax(z) z, float32."""
+    """verl entropy_from_logits: H = logsumexp(z) - sum softmax(z) z, in the logits' dtype as
+    verl's (computed in float32, rounded once)."""
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return _lp.logprobs(logits, labels, return_entropy=True)[1]
+    return _lp.logprobs(logits, labels, return_entropy=True)[1].to(logits.dtype)
 
 
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
