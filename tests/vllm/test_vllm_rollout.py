@@ -65,7 +65,7 @@ def check_sync(e):
                 assert torch.equal(got[t][n], x), f"tp rank {t} {n}"
 
 
-TOPOLOGIES = {  # name: overrides (4 logical devices at most)
+TOPOLOGIES = {  # name: overrides
     "hf-vllm1-colocated": [],
     "hf-vllm2-colocated": ["models.rollout.tp=2", "placement.devices_per_node=2"],
     "hf-vllm1x2dp-separate": ["models.rollout.dp=2", "placement.colocate=[[policy, reference]]",
@@ -74,6 +74,12 @@ TOPOLOGIES = {  # name: overrides (4 logical devices at most)
                                   "placement.devices_per_node=2"],
     "megatron2-vllm1-separate": ["models.policy.backend=megatron", "models.policy.tp=2",
                                  "placement.colocate=[[policy, reference]]", "placement.devices_per_node=3"],
+    # 4 heads of 32 over 2 KV heads: vLLM tp 4 holds each KV head on two ranks
+    "megatron2-vllm4-separate": ["models.policy.model.hf_config.hidden_size=128",
+                                 "models.policy.model.hf_config.num_attention_heads=4",
+                                 "models.policy.model.hf_config.num_key_value_heads=2",
+                                 "models.policy.backend=megatron", "models.policy.tp=2", "models.rollout.tp=4",
+                                 "placement.colocate=[[policy, reference]]", "placement.devices_per_node=6"],
 }
 
 
