@@ -99,9 +99,9 @@ class WeightSync:
         parameters in place (every parameter must be there), then re-packed."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        t = get_tensor_model_parallel_rank()
-        index = indexes[t]
-        flat = _shared_flat(paths[t], index, getattr(torch, dtype))
+        rank = get_tensor_model_parallel_rank()
+        index = indexes[rank]
+        flat = _shared_flat(paths[rank], index, getattr(torch, dtype))
         params = dict(self._rlhfkern_model().named_parameters())
         if sorted(n for n, _, _ in index) != sorted(params):
             raise ValueError(f"weight sync: the shard's names differ from the model's: "
