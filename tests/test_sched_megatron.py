@@ -1,7 +1,8 @@
 """The megatron-core trainer backend (backend: megatron) against the hf one: the same log-probs
 and the same PPO step (weights unsharded through the reshard plan), in one process (gloo, tp 1)
 and in the engine on Ray (tp 2, pp 2, tp 2 x pp 2; policy and reference), its sharded
-checkpoints resuming bitwise, and the configs it refuses."""
+checkpoints resuming bitwise, and the configs it refuses; the value model on megatron (its
+scalar head in the output layer's place) against the hf one, in one process and in a PPO run."""
 
 import os
 import random
@@ -44,7 +45,7 @@ def gloo(monkeypatch, tmp_path):
     monkeypatch.setattr(tracker, "fork", tracker.fork)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'gloo'}", rank=0, world_size=1)
     group = dist.new_group([0])
-    yield {("model", "policy", kind): group for kind in ("tp", "pp", "dp")}
+    yield {("model", name, kind): group for name in ("policy", "value") for kind in ("tp", "pp", "dp")}
     dist.destroy_process_group()
 
 
@@ -78,6 +79,54 @@ def test_megatron_step_equals_the_hf_step(gloo):
     after = unsharded(mg)
     for n, p in hf.named_tensors().items():
         torch.testing.assert_close(after[n], p.detach(), rtol=0, atol=1e-5, msg=n)
+
+
+PPO = ["algorithm.name=ppo", "placement.devices_per_node=2",
+       "models.value={optimizer: {lr: 1.0e-3, grad_clip_norm: 1.0}}"]
+
+
+def test_megatron_value_equals_the_hf_value(gloo, tmp_path):
+    """The value model on megatron (tp 1): the hf value model's weights (its `score` head as
+    megatron's output layer), the same values, and after a value step on two minibatches with
+    clipping the same metrics and weights; an HF folder without the head's bias (a reward model's)
+    loads with that bias kept."""
+    from safetensors.torch import load_file, save_file
+
+    hf = HFBackend(load_config(GRPO, PPO), "value", 0, 1, "cpu", {})
+    mg = MegatronBackend(load_config(GRPO, [*PPO, "models.value.backend=megatron"]), "value", 0, 1, "cpu", gloo)
+    assert mg.layout.spec.value_head and {"output_layer.weight", "output_layer.bias"} <= set(mg.named_tensors())
+    assert mg.named_tensors()["output_layer.weight"].shape == (1, 64)
+    start = unsharded(mg)
+    assert start.keys() == hf.named_tensors().keys()
+    assert all(torch.equal(start[n], p) for n, p in hf.named_tensors().items())
+    prompts = tasks.DigitTask("reverse", 3, 3, 10, 0).train_prompts(16, random.Random(1))
+    g = torch.Generator().manual_seed(0)
+    responses = torch.randint(3, 14, (16, 6), generator=g)
+    mask = (torch.arange(6) < torch.randint(1, 7, (16, 1), generator=g)).long()
+    batch = sequence_batch(prompts, responses.masked_fill(mask == 0, tasks.PAD), mask)
+    v_hf, v_mg = hf.values(batch), mg.values(batch)
+    # at the response's tokens: past its end the states are padding tokens', whose rotary positions
+    # differ (megatron numbers every slot, the hf forward gives right padding the last real
+    # position; the same relative positions for the real tokens): values no loss or advantage reads
+    torch.testing.assert_close(v_mg[mask.bool()], v_hf[mask.bool()], rtol=0, atol=1e-5)
+    batch["values"] = v_hf
+    batch["returns"] = v_hf + torch.randn(mask.shape, generator=g)
+    metrics_hf, metrics_mg = hf.train_value(batch, 1, 8, 1), mg.train_value(batch, 1, 8, 1)
+    assert metrics_hf.keys() == metrics_mg.keys()
+    for k in metrics_hf:
+        assert metrics_mg[k] == pytest.approx(metrics_hf[k], rel=1e-5, abs=1e-6), k
+    after = unsharded(mg)
+    for n, p in hf.named_tensors().items():
+        torch.testing.assert_close(after[n], p.detach(), rtol=0, atol=1e-5, msg=n)
+    assert not torch.equal(after["score.bias"], start["score.bias"])
+    hf.save(tmp_path / "rm")  # an HF folder without score.bias, as a reward model's
+    state = load_file(tmp_path / "rm" / "model.safetensors")
+    bias = state.pop("score.bias")
+    save_file(state, tmp_path / "rm" / "model.safetensors", metadata={"format": "pt"})
+    mg.load_weights(str(tmp_path / "rm"), ("score.bias",))
+    loaded = unsharded(mg)
+    assert all(torch.equal(loaded[n], t) for n, t in state.items())
+    assert torch.equal(loaded["score.bias"], after["score.bias"]) and not torch.equal(bias, after["score.bias"])
 
 
 def engine(tmp_path, *overrides):
@@ -144,6 +193,66 @@ def test_megatron_in_the_engine_equals_hf(ray_gpus, tmp_path, layout, model):
         torch.testing.assert_close(w_mg[n], t, rtol=0, atol=1e-5, msg=n)
 
 
+def ppo_first_step(e):
+    """Step 0's values of a generated batch, then one PPO step: (values, response mask, metrics,
+    the value model's weights in the HF layout)."""
+    import ray
+
+    from rlhfkern.reshard import MegatronLayout, ModelSpec
+
+    e.start()
+    prompts = e._prompts()
+    responses, mask, _ = e._gather(e._generate(prompts, 3)[0])
+    values = e._gather(e._scatter("value", "values", e._make_batch(prompts, responses, mask)))
+    e.learn(1)
+    metrics = {k: v for k, v in e.history[-1].items() if k not in TIMING}
+    mc = e.cfg.model("value")
+    if mc.backend == "hf":
+        return values, mask, metrics, e.weights("value")
+    layout = MegatronLayout(ModelSpec.from_hf_config(e.cfg.hf_config("value"), value_head=True), mc.tp, mc.pp)
+    shards = {r: {n: torch.from_numpy(t) for n, t in ray.get(e.ranks["value"][r].call("named_tensors")).items()}
+              for r in range(layout.world)}
+    return values, mask, metrics, layout.unshard(shards)
+
+
+@pytest.mark.parametrize("layout", [["models.value.tp=2"], ["models.value.pp=2"]], ids=["tp2", "pp2"])
+def test_megatron_value_in_the_engine_equals_hf(ray_gpus, tmp_path, layout):
+    """PPO with the value model on megatron tp 2 or pp 2 (policy, reference and rollout hf,
+    colocated): step 0's values, the first step's metrics (critic/* among them) and the value
+    model's weights after it equal an hf value model's; the plan counts its (rank 0's) shards
+    exactly; the head lives on the last stage, whole on every tp rank."""
+    import ray
+
+    from rlhfkern.sched.memory import model_memory
+
+    ppo = [*PPO, "placement.devices_per_node=3"]
+    hf = engine(tmp_path / "hf", *ppo)
+    try:
+        v_hf, mask, m_hf, w_hf = ppo_first_step(hf)
+    finally:
+        hf.shutdown()
+    mg = engine(tmp_path / "mg", *ppo, "models.value.backend=megatron", *layout)
+    try:
+        v_mg, mask_mg, m_mg, w_mg = ppo_first_step(mg)
+        mm = model_memory(mg.cfg, "value")
+        assert ray.get(mg.ranks["value"][0].call("memory_bytes")) == \
+            {"weights": mm.weights, "gradients": mm.gradients, "optimizer": mm.optimizer}
+        names = [ray.get(r.call("named_tensors")) for r in mg.ranks["value"]]
+        heads = [n["output_layer.weight"] for n in names if "output_layer.weight" in n]
+        assert len(heads) == mg.cfg.models.value.tp and heads[0].shape == (1, 64)
+        assert all((h == heads[0]).all() for h in heads)  # whole on every tp rank, kept equal
+    finally:
+        mg.shutdown()
+    assert torch.equal(mask_mg, mask)
+    torch.testing.assert_close(v_mg[mask.bool()], v_hf[mask.bool()], rtol=0, atol=1e-5)
+    assert {"critic/loss", "critic/clipfrac", "critic/grad_norm", "critic/lr"} <= m_hf.keys() == m_mg.keys()
+    for k, v in m_hf.items():
+        assert m_mg[k] == pytest.approx(v, rel=1e-4, abs=1e-6 if not k.startswith("rollout/logprob_diff") else 1e-5), k
+    assert w_mg.keys() == w_hf.keys()
+    for n, t in w_hf.items():
+        torch.testing.assert_close(w_mg[n], t, rtol=0, atol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("layout", [TP2, PP2], ids=["tp2", "pp2"])
 def test_megatron_checkpoints_resume_bitwise(ray_gpus, tmp_path, layout):
     """Each tp (or pp) rank saves its own shard (megatron.pt, optimizer.pt); a fresh engine
@@ -175,7 +284,7 @@ def test_megatron_checkpoints_resume_bitwise(ray_gpus, tmp_path, layout):
 
 
 @pytest.mark.parametrize("override,key,message", [
-    ("models.rollout.backend=megatron", "models.rollout.backend", "runs the policy trainer and the reference"),
+    ("models.rollout.backend=megatron", "models.rollout.backend", "runs the policy trainer, the reference and the value"),
     ("models.policy.pp=3", "models.policy.pp", "pp=3 must divide the layers (2)"),
     ("models.policy.tp=3", "models.policy.tp", "does not divide the 4 attention heads"),
     (["models.policy.model.hf_config.num_attention_heads=12", "models.policy.model.hf_config.hidden_size=96",

@@ -16,7 +16,9 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """The shapes a layout needs, from a HF config (Llama/Mistral, Qwen2 with qkv bias, Qwen3
-    with q/k norms)."""
+    with q/k norms). value_head: the body with a scalar head instead of the LM head (a value
+    model: transformers' token classifier with one label, its `score` Linear(hidden, 1) with a
+    bias; never tied)."""
 
     hidden: int
     heads: int
@@ -28,25 +30,28 @@ class ModelSpec:
     tied: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False
+    value_head: bool = False
 
     @classmethod
-    def from_hf_config(cls, config):
+    def from_hf_config(cls, config, value_head=False):
         heads = config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         model_type = getattr(config, "model_type", "")
         return cls(hidden=config.hidden_size, heads=heads, kv_heads=kv, head_dim=head_dim,
                    ffn=config.intermediate_size, vocab=config.vocab_size, layers=config.num_hidden_layers,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)),
+                   tied=not value_head and bool(getattr(config, "tie_word_embeddings", False)),
                    qkv_bias=bool(getattr(config, "attention_bias", False)) or model_type == "qwen2",
-                   qk_norm=model_type == "qwen3")
+                   qk_norm=model_type == "qwen3", value_head=value_head)
 
     def hf_shapes(self):
         """{HF name: shape} of the whole model."""
         H, hd, F = self.hidden, self.head_dim, self.ffn
         q, kv = self.heads * hd, self.kv_heads * hd
         shapes = {"model.embed_tokens.weight": (self.vocab, H), "model.norm.weight": (H,)}
-        if not self.tied:
+        if self.value_head:
+            shapes.update({"score.weight": (1, H), "score.bias": (1,)})
+        elif not self.tied:
             shapes["lm_head.weight"] = (self.vocab, H)
         for i in range(self.layers):
             p = f"model.layers.{i}."
@@ -170,7 +175,9 @@ class MegatronLayout(Layout):
     linear_qkv is one column-parallel linear over the grouped rows [q heads of g, k_g, v_g],
     g = 0..KV heads-1, cut into tp equal contiguous ranges. With tp a multiple of the KV heads a
     rank's range is part of one group, not always whole heads (megatron's attention all-gathers
-    the group and keeps its own query heads); linear_proj holds query heads r nh/tp.. as ever."""
+    the group and keeps its own query heads); linear_proj holds query heads r nh/tp.. as ever.
+    A value model (spec.value_head): the last stage's output_layer is the scalar head, weight
+    [1, H] and bias [1], whole on every tp rank (its input, the final norm's output, is too)."""
 
     def __init__(self, spec, tp=1, pp=1, vocab_multiple=128):
         # what megatron-core 0.16.1 accepts: TransformerConfig's two checks, then the divisions
@@ -231,7 +238,10 @@ class MegatronLayout(Layout):
             out[mg + "mlp.linear_fc2.weight"] = Param((H, f1 - f0), [Piece(hf + "mlp.down_proj.weight", 1, f0, f1, 0)])
         if stage == self.pp - 1:
             out["decoder.final_layernorm.weight"] = _whole(shapes, "model.norm.weight")
-            if not s.tied or self.pp > 1:  # tied with pp > 1: the last stage keeps its own copy
+            if s.value_head:
+                out["output_layer.weight"] = _whole(shapes, "score.weight")
+                out["output_layer.bias"] = _whole(shapes, "score.bias")
+            elif not s.tied or self.pp > 1:  # tied with pp > 1: the last stage keeps its own copy
                 head = "model.embed_tokens.weight" if s.tied else "lm_head.weight"
                 out["output_layer.weight"] = _vocab_param(head, s.vocab, H, self.padded_vocab, tp, t)
         return out

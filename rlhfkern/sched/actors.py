@@ -20,7 +20,7 @@ forwards the interface the loop calls, per model:
     save(dir) / load(dir) / load_weights(dir) / memory_bytes()
 
 `MegatronBackend` (`backend: megatron`, rlhfkern.sched.megatron) implements the same methods
-for a trainer or reference (no generation); a vLLM rollout will too; the loop never sees which
+for a trainer, a reference or a value model (no generation); a vLLM rollout will too; the loop never sees which
 one runs. While measuring (ModelWorker.measure), each phase's peak memory is recorded. A batch is a dict of CPU tensors: input_ids [B, L] (left-padded
 prompt of P tokens, then the response of R tokens right-padded), attention_mask [B, L],
 response_mask [B, R], and per-token fields [B, R] (old_log_prob, ref_log_prob, advantages,
@@ -579,16 +579,19 @@ def _no_grad_rows(token, module, args, output):
 
 class MegatronBackend(HFBackend):
     """A megatron-core GPTModel rank (rlhfkern.sched.megatron): tp x pp x dp ranks, tp fastest.
-    The same interface as HFBackend for a trainer or a reference (no generation); the loss and
-    optimizer code is HFBackend's, with the gradients averaged over dp by hand and their norm
-    taken over the tp shards and pp stages; log-probs from the vocab-parallel logits. Ranks of
+    The same interface as HFBackend for a trainer, a reference or a value model (no generation);
+    the loss and optimizer code is HFBackend's, with the gradients averaged over dp by hand and
+    their norm taken over the tp shards and pp stages; log-probs from the vocab-parallel logits;
+    a value model's values from its scalar head (megatron.ValueHead, whole on every tp rank: its
+    gradient the same on each, counted once in the norm as the norm weights are). Ranks of
     one dp replica get the same batch; all but its first rank return None for per-sequence
     results (the loop keeps one copy).
 
     Pipeline (pp > 1), one minibatch at a time: each stage receives the previous stage's hidden
     states [s, b, h] over the pp group (model.set_input_tensor), runs its layers and sends its
     output on; the last stage computes the log-probs and broadcasts them over the pp group, so
-    every stage computes the same loss and metrics (HFBackend's train_policy unchanged). The
+    every stage computes the same loss and metrics (HFBackend's train_policy and train_value
+    unchanged; the values are broadcast as the log-probs are). The
     backward starts at the last stage's loss; each stage sends the gradient of its input to the
     previous one, which back-propagates it from its output."""
 
@@ -609,7 +612,8 @@ class MegatronBackend(HFBackend):
         megatron.cpu_redirects(self.device)
         hf = build_model(cfg, name, cfg.train.seed, device="cpu")  # the weights an hf backend starts from
         self.hf_config = hf.config
-        self.layout = MegatronLayout(ModelSpec.from_hf_config(hf.config), mc.tp, mc.pp)
+        spec = ModelSpec.from_hf_config(hf.config, value_head=self.role == "value")
+        self.layout = MegatronLayout(spec, mc.tp, mc.pp)
         self.model = megatron.build_gpt(hf.config, self.layout, self.tp_group, self.pp_group, self.dtype, self.stage)
         self._copy_in(self.layout.shard({k: v.detach() for k, v in hf.named_parameters()})[rank % self.layout.world])
         pad = hf.get_input_embeddings().padding_idx
@@ -617,7 +621,7 @@ class MegatronBackend(HFBackend):
             self.model.embedding.word_embeddings.register_forward_hook(functools.partial(_no_grad_rows, pad))
         self.model.to(self.device)
         self.model.train(False)
-        self.trainable = self.role == "policy"
+        self.trainable = self.role in ("policy", "value")
         self.optimizer = self.scheduler = None
         self.ddp = self.model
         if self.trainable:
@@ -637,10 +641,13 @@ class MegatronBackend(HFBackend):
             for n, p in ours.items():
                 p.copy_(shard[n])
 
-    def _stage_forward(self, ids, pos, mask):
-        """This stage's part of the forward: the previous stage's output as its input (stage > 0),
-        its own output sent to the next stage (stage < last); kept for the backward when
-        gradients are on."""
+    def _stage_forward(self, ids, am, pos):
+        """This stage's part of the forward (causal attention over the tokens of attention mask
+        `am`): the previous stage's output as its input (stage > 0), its own output sent to the
+        next stage (stage < last); kept for the backward when gradients are on."""
+        L = ids.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=self.device).triu(1)
+        mask = (causal[None] | ~am.bool()[:, None, :])[:, None]  # True: not attended
         inp = None
         if not self.first:
             inp = torch.empty((ids.shape[1], ids.shape[0], self.layout.spec.hidden), dtype=self.dtype, device=self.device)
@@ -658,10 +665,8 @@ class MegatronBackend(HFBackend):
         logits (megatron's output layer, padding columns masked), combined over tp; with pp > 1
         computed by the last stage and broadcast to the others (without their graph)."""
         ids, am, pos = self._inputs(batch)
-        R, L = batch["response_mask"].shape[1], ids.shape[1]
-        causal = torch.ones(L, L, dtype=torch.bool, device=self.device).triu(1)
-        mask = (causal[None] | ~am.bool()[:, None, :])[:, None]  # True: not attended
-        out = self._stage_forward(ids, pos, mask)
+        R = batch["response_mask"].shape[1]
+        out = self._stage_forward(ids, am, pos)
         if not self.last:
             lp = torch.empty((ids.shape[0], R), dtype=torch.float32, device=self.device)
             ent = torch.empty_like(lp) if with_entropy else None
@@ -686,6 +691,27 @@ class MegatronBackend(HFBackend):
     def logprobs(self, batch, with_entropy=False):
         out = self._no_grad_logprobs(batch, with_entropy)  # every rank of the replica takes part
         return out if self.rank % self.layout.world == 0 else None
+
+    def _values(self, module, batch):
+        """A value model's V(s_t) [B, R] fp32 from its scalar head (the same on every tp rank, as
+        HFBackend._values); with pp > 1 computed by the last stage and broadcast to the others
+        (without their graph)."""
+        ids, am, pos = self._inputs(batch)
+        R = batch["response_mask"].shape[1]
+        out = self._stage_forward(ids, am, pos)
+        if not self.last:
+            v = torch.empty((ids.shape[0], R), dtype=torch.float32, device=self.device)
+            dist.broadcast(v, group=self.pp_group, group_src=self.pp - 1)
+            return v
+        v = out[..., 0][:, -R - 1:-1].float()
+        if self.pp > 1:
+            dist.broadcast(v.detach().contiguous(), group=self.pp_group, group_src=self.pp - 1)
+        return v
+
+    @torch.no_grad()
+    def values(self, batch):
+        v = self._values(self.model, batch).cpu()  # every rank of the replica takes part
+        return v if self.rank % self.layout.world == 0 else None
 
     def _step(self, loss, step, epoch, k):
         """HFBackend._step with the pipeline's backward: the last stage from its loss, the others
@@ -767,7 +793,9 @@ class MegatronBackend(HFBackend):
         return True
 
     def load_weights(self, path, missing_ok=()):
-        """A rank folder this backend saved (megatron.pt), or an HF folder (sharded here)."""
+        """A rank folder this backend saved (megatron.pt), or an HF folder (sharded here); HF
+        names in `missing_ok` may be absent from it: the tensors they would fill keep their
+        values (a value head's bias from a reward model without one)."""
         if os.path.exists(os.path.join(path, "megatron.pt")):
             self._copy_in(torch.load(os.path.join(path, "megatron.pt"), map_location=self.device))
             return True
@@ -776,10 +804,18 @@ class MegatronBackend(HFBackend):
         state = load_file(os.path.join(path, "model.safetensors"))
         if self.layout.spec.tied and "lm_head.weight" not in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        shapes, r = self.layout.spec.hf_shapes(), self.rank % self.layout.world
+        absent = {n for n in missing_ok if n in shapes and n not in state}
+        like = next(iter(state.values()))
+        state.update({n: torch.zeros(shapes[n], dtype=like.dtype) for n in absent})
         try:
-            shard = self.layout.shard(state)[self.rank % self.layout.world]
+            shard = self.layout.shard(state)[r]
         except KeyError as e:
             raise ValueError(f"{path} does not hold {self.name}'s weights: no {e}") from None
+        ours = dict(self.model.named_parameters())
+        for n, p in self.layout.params(r).items():
+            if any(pc.hf in absent for pc in p.pieces):
+                shard[n] = ours[n].detach()
         self._copy_in(shard)
         return True
 

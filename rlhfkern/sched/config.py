@@ -79,7 +79,7 @@ class _Placed(_Strict):
                                       "policy's source")
     backend: Literal["hf", "megatron", "vllm"] = Field("hf", description="hf: transformers model, torch DDP over "
                                                        "dp; megatron: megatron-core GPTModel, tp, pp and dp (policy, "
-                                                       "reference); vllm: a vLLM engine per dp replica, tp (rollout)")
+                                                       "reference, value); vllm: a vLLM engine per dp replica, tp (rollout)")
     tp: PositiveInt = 1
     pp: PositiveInt = 1
     dp: PositiveInt = 1
@@ -360,9 +360,9 @@ class EngineConfig(_Strict):
             if mc.backend == "hf" and (mc.tp > 1 or mc.pp > 1):
                 problems.append((f"{key}.tp" if mc.tp > 1 else f"{key}.pp", "backend hf runs tp=1, pp=1 (data parallel only)"))
             if mc.backend == "megatron":
-                if name not in ("policy", "reference"):
-                    problems.append((f"{key}.backend", "backend megatron runs the policy trainer and the reference "
-                                     "(the value and reward models run backend hf, the rollout hf or vllm)"))
+                if name not in ("policy", "reference", "value"):
+                    problems.append((f"{key}.backend", "backend megatron runs the policy trainer, the reference and "
+                                     "the value model (the reward models run backend hf, the rollout hf or vllm)"))
                 if name == "policy" and ("sft" in self.stages or "rm" in self.stages):
                     problems.append(("stages", "the sft and rm stages run on backend hf models"))
             if mc.backend == "vllm":

@@ -14,6 +14,11 @@ logits cover its vocabulary shard (padding columns masked), and `rlhfkern.logpro
 tp_group=...)` combines them with two all-reduces; the [tokens, vocab] logits are never
 gathered.
 
+A value model (MegatronLayout of a ModelSpec with value_head) is the same GPTModel with its
+output layer replaced by `ValueHead`, HF's token-classifier `score` (Linear(hidden, 1) with a
+bias): whole on every tp rank, applied to the final norm's output (replicated over tp), so its
+values, and its gradients, are the same on every tp rank.
+
 Pipeline stages (pp > 1) hold the layers MegatronLayout gives them (stage 0 the embedding, the
 last the final norm and output layer) and run an explicit pipeline over the pp group (no
 megatron schedules, which need its global parallel_state): see MegatronBackend.
@@ -79,11 +84,27 @@ def build_gpt(hf_config, layout, tp_group, pp_group, dtype, stage=0):
                      share_embeddings_and_output_weights=spec.tied, position_embedding_type="rope",
                      rotary_base=int(theta), pre_process=stage == 0, post_process=stage == layout.pp - 1,
                      pg_collection=groups)
+    if spec.value_head and model.post_process:
+        model.output_layer = ValueHead(spec.hidden, dtype)
     if spec.kv_heads < layout.tp:
         for layer in model.decoder.layers:
             layer.self_attention.register_forward_pre_hook(_own_tp_group)
             layer.self_attention.register_forward_hook(_own_tp_group_done, always_call=True)
     return model
+
+
+class ValueHead(torch.nn.Module):
+    """A value model's head in GPTModel's output-layer slot (called as megatron calls its output
+    layer): Linear(hidden, 1) with a bias, not tensor-parallel (its weights whole on every tp
+    rank). [s, b, h] -> ([s, b, 1], None). Weights zero until copied in."""
+
+    def __init__(self, hidden, dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+
+    def forward(self, hidden, weight=None, runtime_gather_output=None):
+        return torch.nn.functional.linear(hidden, self.weight, self.bias), None
 
 
 class _OneRank:

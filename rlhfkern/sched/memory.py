@@ -182,7 +182,7 @@ def _model_memory(cfg, name, causal_lm, trainable):
     if mc.backend in ("megatron", "vllm"):  # rank 0's shards (tp slices, padded vocabulary)
         from ..reshard import MegatronLayout, ModelSpec, VLLMLayout
 
-        spec = ModelSpec.from_hf_config(hf)
+        spec = ModelSpec.from_hf_config(hf, value_head=not causal_lm)  # (megatron runs no reward model)
         layout = MegatronLayout(spec, mc.tp, mc.pp) if mc.backend == "megatron" else VLLMLayout(spec, mc.tp)
         shapes = [p.shape for p in layout.params(0).values()]
         sizes = [math.prod(s) for s in shapes]
