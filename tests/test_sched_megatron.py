@@ -88,8 +88,8 @@ PPO = ["algorithm.name=ppo", "placement.devices_per_node=2",
 def test_megatron_value_equals_the_hf_value(gloo, tmp_path):
     """The value model on megatron (tp 1): the hf value model's weights (its `score` head as
     megatron's output layer), the same values, and after a value step on two minibatches with
-    clipping the same metrics and weights; an HF folder without the head's bias (a reward model's)
-    loads with that bias kept."""
+    clipping the same metrics and weights; its own checkpoint reloads; an HF folder without the
+    head's bias (a reward model's) loads with that bias kept."""
     from safetensors.torch import load_file, save_file
 
     hf = HFBackend(load_config(GRPO, PPO), "value", 0, 1, "cpu", {})
@@ -119,6 +119,11 @@ def test_megatron_value_equals_the_hf_value(gloo, tmp_path):
     for n, p in hf.named_tensors().items():
         torch.testing.assert_close(after[n], p.detach(), rtol=0, atol=1e-5, msg=n)
     assert not torch.equal(after["score.bias"], start["score.bias"])
+    mg.save(str(tmp_path / "mg"))  # its own sharded layout (megatron.pt, optimizer.pt)
+    again = MegatronBackend(load_config(GRPO, [*PPO, "models.value.backend=megatron"]), "value", 0, 1, "cpu", gloo)
+    again.load(str(tmp_path / "mg"))
+    assert all(torch.equal(again.named_tensors()[n], t) for n, t in mg.named_tensors().items())
+    assert again.optimizer.state_dict()["state"].keys() == mg.optimizer.state_dict()["state"].keys()
     hf.save(tmp_path / "rm")  # an HF folder without score.bias, as a reward model's
     state = load_file(tmp_path / "rm" / "model.safetensors")
     bias = state.pop("score.bias")
