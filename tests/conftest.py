@@ -1,6 +1,7 @@
 """Test set-up. Triton runs in its interpreter on a machine without a GPU: TRITON_INTERPRET must
 be set before triton is first imported, so it is set here, before any test module loads."""
 
+import math
 import os
 import sys
 
@@ -132,3 +133,30 @@ def ray_gpus(tmp_path_factory):
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     yield 8
     ray.shutdown()
+
+
+HALF = (torch.float16, torch.bfloat16)
+PEER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def assert_like_peer(ours, theirs, exact, what="", by_error=False, rtol=1e-5, atol=1e-6, fp64_tol=1e-9):
+    """A drop-in's output against the installed peer's for the same inputs: the same dtype and
+    shape; fp16/bf16 results, or any result with `by_error` (fp16/bf16 inputs the peer computes
+    partly in half precision, or a peer rounding in float32 for a float32 mask), no farther from `exact` (the peer on the inputs widened to fp64) than the
+    peer's own, within one unit in the last place (of the result's dtype) of the largest |exact|;
+    other results close to the peer's (fp64: to fp64_tol)."""
+    assert ours.dtype == theirs.dtype, f"{what}: {ours.dtype} != peer's {theirs.dtype}"
+    assert ours.shape == theirs.shape, f"{what}: {tuple(ours.shape)} != peer's {tuple(theirs.shape)}"
+    o, t, e = (x.detach().cpu().double() for x in (ours, theirs, exact))
+    if by_error or ours.dtype in HALF:
+        err_ours, err_theirs = (o - e).abs().max().item(), (t - e).abs().max().item()
+        print(f"fp64 error {what}: ours {err_ours:.2g}, the peer's {err_theirs:.2g}")  # shown with -s
+        if math.isnan(err_theirs):  # the peer's nan (OpenRLHF's fp16 1e-8 underflows: 0 / 0) is no target
+            assert not math.isnan(err_ours), f"{what}: nan"
+            return
+        slack = torch.finfo(ours.dtype).eps * max(1.0, e.abs().max().item())
+        assert err_ours <= err_theirs + slack, f"{what}: |ours - fp64| {err_ours:.3g} > peer's {err_theirs:.3g}"
+    elif ours.dtype == torch.float64:
+        torch.testing.assert_close(o, t, rtol=fp64_tol, atol=fp64_tol, equal_nan=True, msg=what)
+    else:
+        torch.testing.assert_close(o, t, rtol=rtol, atol=atol, equal_nan=True, msg=what)

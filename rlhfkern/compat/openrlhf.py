@@ -12,7 +12,10 @@ reach a loss (OpenRLHF's `loss * mask` turns a nan/inf there into a nan loss); a
 the value clip (|v - old| == clip_eps) the gradient is split in halves as torch.max/min do rather
 than passed whole as torch.clamp does. policy_loss_type="gspo" is not provided: it raises. log_probs_from_logits leaves the logits as
 they are (OpenRLHF divides them by the temperature in place) and returns the logits' dtype, as
-OpenRLHF's. PolicyLoss and ValueLoss return float32 for bf16/fp16 inputs (OpenRLHF: the input dtype).
+OpenRLHF's. PolicyLoss's loss and ValueLoss return OpenRLHF's dtype (the inputs' promoted with the
+mask's; the sample-level loss of half inputs float32; the clip ratio float32), computed in float32
+(float64 for float64) and rounded once; OpenRLHF's fp16 sample-level loss is nan with an
+all-masked row (its 1e-8 underflows to 0: 0 / 0), ours is not.
 """
 
 import sys
@@ -28,6 +31,17 @@ KL_IS_WEIGHT_CLIP = 10.0  # OpenRLHF's bound on pi/pi_old in the unbiased KL gra
 
 def _masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim=dim) / mask.sum(dim=dim)
+
+
+def _loss_dtype(dtype, mask, token_level_loss, batch_num_tokens, global_batch_size):
+    """OpenRLHF aggregate_loss's result dtype for a loss matrix of `dtype` (torch's promotion: an
+    integer or bool mask leaves it, a float32 one widens fp16/bf16); the sample-level loss divides
+    by float32 token counts and sequence mask (float32 for half losses); a tensor count joins."""
+    d = torch.promote_types(dtype, mask.dtype)
+    count = batch_num_tokens if token_level_loss else global_batch_size
+    if not token_level_loss:
+        d = torch.promote_types(d, torch.float32)
+    return torch.promote_types(d, count.dtype) if isinstance(count, torch.Tensor) else d
 
 
 def _agg(token_level_loss, dp_size, batch_num_tokens, global_batch_size):
@@ -105,7 +119,12 @@ class PolicyLoss(nn.Module):
                                      clip_high=self.clip_eps_high, clip_c=self.dual_clip, is_weights=coef,
                                      **_agg(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size))
         ppo_kl = _masked_mean(-(log_probs - old_log_probs).detach(), mask)  # OpenRLHF: the raw log-ratio
-        return loss, metrics["pg_clipfrac"], ppo_kl, vllm_kl, filter_ratio
+        dtype = torch.promote_types(torch.promote_types(log_probs.dtype, old_log_probs.dtype), advantages.dtype)
+        if coef is not None:
+            dtype = torch.promote_types(dtype, coef.dtype)
+        loss = loss.to(_loss_dtype(dtype, mask, self.token_level_loss, batch_num_tokens, global_batch_size))
+        clip_ratio = metrics["pg_clipfrac"].to(torch.promote_types(torch.float32, mask.dtype))  # OpenRLHF: of a .float()
+        return loss, clip_ratio, ppo_kl, vllm_kl, filter_ratio
 
 
 class ValueLoss(nn.Module):
@@ -122,7 +141,10 @@ class ValueLoss(nn.Module):
         clip = self.clip_eps if self.clip_eps is not None else float("inf")  # no clip: vc = v, max = (v - R)^2
         loss, _ = _pl.value_loss(values, returns, old_values, mask, clip=clip,
                                  **_agg(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size))
-        return loss
+        dtype = torch.promote_types(values.dtype, returns.dtype)  # OpenRLHF without clip: (values - returns)^2
+        if self.clip_eps is not None:
+            dtype = torch.promote_types(dtype, old_values.dtype)
+        return loss.to(_loss_dtype(dtype, mask, self.token_level_loss, batch_num_tokens, global_batch_size))
 
 
 def compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1", unbiased_gradient=False):

@@ -3,9 +3,13 @@
     from rlhfkern.compat.verl import compute_gae_advantage_return, compute_policy_loss_vanilla
     rlhfkern.compat.verl.patch()    # or: installed into verl itself (undo handle returned)
 
-Differences, all deliberate: outputs are float32 for bf16/fp16 inputs (verl computes in the
-input dtype) except masked_whiten, agg_loss and entropy_from_logits, which return the input dtype
-as verl's do; a bool response_mask is accepted (verl's `1 - mask` rejects it); masked-out tokens
+Outputs have the dtype verl's have for the same inputs (torch's promotion of the inputs with the
+mask: a float32 mask widens fp16/bf16, an integer or bool one does not; seq-mean losses of half
+inputs and the clip fractions float32, as verl's): computed in float32 (float64 for float64) and
+rounded once, so fp16/bf16 results are closer to an fp64 computation than verl's, which computes in
+the input dtype. logprobs_from_logits stays float32, as verl's flash-attn (GPU) path.
+
+Differences, all deliberate: a bool response_mask is accepted (verl's `1 - mask` rejects it); masked-out tokens
 never reach a loss, also in the seq-mean modes (verl's `loss * mask` there turns a nan/inf log-prob
 of a padding token into a nan loss); a torch.Tensor `index` groups rows by value (verl's dict keys
 would be the tensor elements' identities, never equal).
@@ -20,6 +24,34 @@ from ..ops import advantages as _adv
 from ..ops import gae as _gae
 from ..ops import logprob as _lp
 from ..ops import ppo_loss as _pl
+
+
+def _dtype(*xs):
+    """The dtype torch's type promotion gives verl's arithmetic on these tensors (or dtypes; None
+    skipped): an integer or bool mask leaves a float dtype as it is, a float32 mask widens fp16."""
+    d = None
+    for x in xs:
+        if x is not None:
+            t = x.dtype if isinstance(x, torch.Tensor) else x
+            d = t if d is None else torch.promote_types(d, t)
+    return d
+
+
+def _mean_dtype(dtype, mask):
+    """verl_F.masked_mean(x, mask) = (x * mask).sum() / (mask.sum() + 1e-8): an integer or bool
+    mask's count + 1e-8 is float32, which widens a half x."""
+    return _dtype(dtype, mask, mask if mask.is_floating_point() else torch.float32)
+
+
+def _agg_dtype(dtype, mask, mode, batch_num_tokens=None, global_batch_size=None):
+    """verl agg_loss's result dtype for a loss matrix of `dtype`: the seq-mean modes divide by a
+    float32 sequence mask (float32 for half losses); the count it divides by, given as a tensor,
+    joins the promotion."""
+    d = _dtype(dtype, mask)
+    count = batch_num_tokens if mode == "token-mean" else None
+    if mode.startswith("seq-mean"):
+        d, count = torch.promote_types(d, torch.float32), global_batch_size
+    return _dtype(d, count) if isinstance(count, torch.Tensor) else d
 
 
 def _check_count(mask):
@@ -42,7 +74,9 @@ def compute_gae_advantage_return(token_level_rewards, values, response_mask, gam
     """verl.trainer.ppo.core_algos.compute_gae_advantage_return: (whitened advantages, returns)."""
     with torch.no_grad():
         _check_count(response_mask)
-        return _gae.gae(token_level_rewards, values, response_mask, gamma, lam, whiten=True)
+        dtype = _dtype(token_level_rewards, values, response_mask)
+        adv, ret = _gae.gae(token_level_rewards, values, response_mask, gamma, lam, whiten=True)
+        return adv.to(dtype), ret.to(dtype)
 
 
 # ----------------------------------------------------------------------------- policy / value loss
@@ -60,7 +94,10 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, clipr
     high = cliprange_high if cliprange_high is not None else cliprange
     loss, m = _pl.ppo_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=low, clip_high=high,
                            clip_c=clip_ratio_c, agg=loss_agg_mode)
-    return loss, m["pg_clipfrac"], m["ppo_kl"], m["pg_clipfrac_lower"]
+    frac = _mean_dtype(torch.float32, response_mask)  # verl: masked_mean of a .float() indicator
+    return (loss.to(_agg_dtype(_dtype(old_log_prob, log_prob, advantages), response_mask, loss_agg_mode)),
+            m["pg_clipfrac"].to(frac), m["ppo_kl"].to(_mean_dtype(_dtype(old_log_prob, log_prob), response_mask)),
+            m["pg_clipfrac_lower"].to(frac))
 
 
 def _field(config, name, default=None):
@@ -96,22 +133,27 @@ def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mas
         "actor/ppo_kl": m["ppo_kl"].item(),
         "actor/pg_clipfrac_lower": m["pg_clipfrac_lower"].item(),
     }
-    return loss, metrics
+    dtype = _agg_dtype(_dtype(old_log_prob, log_prob, advantages, rollout_is_weights), response_mask, loss_agg_mode,
+                       batch.get("batch_num_tokens"), batch.get("global_batch_size"))
+    return loss.to(dtype), metrics
 
 
 def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean", dp_size=1,
                        batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
     """verl compute_value_loss: (vf_loss, vf_clipfrac)."""
-    return _pl.value_loss(vpreds, returns, values, response_mask, clip=cliprange_value, agg=loss_agg_mode,
-                          dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                          loss_scale_factor=loss_scale_factor)
+    loss, frac = _pl.value_loss(vpreds, returns, values, response_mask, clip=cliprange_value, agg=loss_agg_mode,
+                                dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                                global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
+    return (loss.to(_agg_dtype(_dtype(vpreds, returns, values), response_mask, loss_agg_mode, batch_num_tokens,
+                               global_batch_size)),
+            frac.to(_mean_dtype(torch.float32, response_mask)))
 
 
 def kl_penalty(logprob, ref_logprob, kl_penalty):
     """verl kl_penalty (with the "+" straight-through variants)."""
     if kl_penalty.rstrip("+") == "full":
         raise NotImplementedError
-    return _pl.kl_penalty(logprob, ref_logprob, kl_penalty)
+    return _pl.kl_penalty(logprob, ref_logprob, kl_penalty).to(_dtype(logprob, ref_logprob))
 
 
 # ----------------------------------------------------------------------------- outcome advantages
@@ -128,12 +170,14 @@ def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, ep
     with torch.no_grad():
         adv = _adv.grpo_advantage(token_level_rewards, response_mask, _group_ids(index, token_level_rewards.device),
                                   epsilon=epsilon, norm_by_std=norm_adv_by_std_in_grpo)
+    adv = adv.to(_dtype(token_level_rewards, response_mask))
     return adv, adv
 
 
 def compute_rloo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6, config=None, **kwargs):
     with torch.no_grad():
         adv = _adv.rloo_advantage(token_level_rewards, response_mask, _group_ids(index, token_level_rewards.device))
+    adv = adv.to(_dtype(token_level_rewards, response_mask))
     return adv, adv
 
 
@@ -143,6 +187,7 @@ def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards, 
         _check_count(response_mask)
         adv = _adv.reinforce_pp_baseline_advantage(token_level_rewards, response_mask,
                                                    _group_ids(index, token_level_rewards.device))
+    adv = adv.to(_dtype(token_level_rewards, response_mask))
     return adv, adv
 
 
@@ -151,7 +196,9 @@ def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_
         raise ValueError("config is required (an AlgoConfig or any object with a `gamma` field)")
     with torch.no_grad():
         _check_count(response_mask)
-        return _adv.reinforce_pp_advantage(token_level_rewards, response_mask, _field(config, "gamma"))
+        adv, ret = _adv.reinforce_pp_advantage(token_level_rewards, response_mask, _field(config, "gamma"))
+    # verl: the returns are written into zeros_like(rewards), the advantages are whitened * mask
+    return adv.to(_dtype(token_level_rewards, response_mask)), ret.to(token_level_rewards.dtype)
 
 
 # ----------------------------------------------------------------------------- log-probs
