@@ -142,9 +142,10 @@ PEER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def assert_like_peer(ours, theirs, exact, what="", by_error=False, rtol=1e-5, atol=1e-6, fp64_tol=1e-9):
     """A drop-in's output against the installed peer's for the same inputs: the same dtype and
     shape; fp16/bf16 results, or any result with `by_error` (fp16/bf16 inputs the peer computes
-    partly in half precision, or a peer rounding in float32 for a float32 mask), no farther from `exact` (the peer on the inputs widened to fp64) than the
-    peer's own, within one unit in the last place (of the result's dtype) of the largest |exact|;
-    other results close to the peer's (fp64: to fp64_tol)."""
+    partly in half precision, or a peer rounding in float32 for a float32 mask), no farther from
+    `exact` (the peer on the inputs widened to fp64) than the peer's own, within one unit in the
+    last place (of the result's dtype) of the largest |exact|; other results close to the peer's
+    (fp64: to fp64_tol)."""
     assert ours.dtype == theirs.dtype, f"{what}: {ours.dtype} != peer's {theirs.dtype}"
     assert ours.shape == theirs.shape, f"{what}: {tuple(ours.shape)} != peer's {tuple(theirs.shape)}"
     o, t, e = (x.detach().cpu().double() for x in (ours, theirs, exact))
