@@ -58,6 +58,17 @@ def unsharded(backend):
     return out[0]
 
 
+def assert_same_step(hf, mg, metrics_hf, metrics_mg):
+    """The same metrics (fp32) and the same weights after a step; the megatron ones unsharded."""
+    assert metrics_hf.keys() == metrics_mg.keys()
+    for k in metrics_hf:
+        assert metrics_mg[k] == pytest.approx(metrics_hf[k], rel=1e-5, abs=1e-6), k
+    after = unsharded(mg)
+    for n, p in hf.named_tensors().items():
+        torch.testing.assert_close(after[n], p.detach(), rtol=0, atol=1e-5, msg=n)
+    return after
+
+
 def test_megatron_step_equals_the_hf_step(gloo):
     """Sampled responses (PAD inside some of them, right padding), two minibatches, gradient
     clipping on: the same log-probs before the step, the same metrics and weights after it."""
@@ -73,12 +84,7 @@ def test_megatron_step_equals_the_hf_step(gloo):
     before_hf, before_mg = hf.logprobs(batch)[0], mg.logprobs(batch)[0]
     torch.testing.assert_close(before_mg, before_hf, rtol=0, atol=1e-5)
     metrics_hf, metrics_mg = hf.train_policy(batch, 1, 8, 1), mg.train_policy(batch, 1, 8, 1)
-    assert metrics_hf.keys() == metrics_mg.keys()
-    for k in metrics_hf:
-        assert metrics_mg[k] == pytest.approx(metrics_hf[k], rel=1e-5, abs=1e-6), k
-    after = unsharded(mg)
-    for n, p in hf.named_tensors().items():
-        torch.testing.assert_close(after[n], p.detach(), rtol=0, atol=1e-5, msg=n)
+    after = assert_same_step(hf, mg, metrics_hf, metrics_mg)
 
 
 PPO = ["algorithm.name=ppo", "placement.devices_per_node=2",
@@ -112,12 +118,7 @@ def test_megatron_value_equals_the_hf_value(gloo, tmp_path):
     batch["values"] = v_hf
     batch["returns"] = v_hf + torch.randn(mask.shape, generator=g)
     metrics_hf, metrics_mg = hf.train_value(batch, 1, 8, 1), mg.train_value(batch, 1, 8, 1)
-    assert metrics_hf.keys() == metrics_mg.keys()
-    for k in metrics_hf:
-        assert metrics_mg[k] == pytest.approx(metrics_hf[k], rel=1e-5, abs=1e-6), k
-    after = unsharded(mg)
-    for n, p in hf.named_tensors().items():
-        torch.testing.assert_close(after[n], p.detach(), rtol=0, atol=1e-5, msg=n)
+    after = assert_same_step(hf, mg, metrics_hf, metrics_mg)
     assert not torch.equal(after["score.bias"], start["score.bias"])
     mg.save(str(tmp_path / "mg"))  # its own sharded layout (megatron.pt, optimizer.pt)
     again = MegatronBackend(load_config(GRPO, [*PPO, "models.value.backend=megatron"]), "value", 0, 1, "cpu", gloo)

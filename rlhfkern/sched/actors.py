@@ -361,11 +361,14 @@ class HFBackend:
             raise NonFiniteLoss(f"step {step}: {self.name} loss is {loss.item()} (epoch {epoch}, minibatch {k}); "
                                 f"the update was not applied")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self._backward(loss)
         norm = self._clip_grads(self.opt_cfg.grad_clip_norm or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         return norm
+
+    def _backward(self, loss):
+        loss.backward()
 
     def _clip_grads(self, clip):
         """The gradients' global L2 norm, and the gradients scaled down to `clip` if above (DDP has
@@ -713,17 +716,10 @@ class MegatronBackend(HFBackend):
         v = self._values(self.model, batch).cpu()  # every rank of the replica takes part
         return v if self.rank % self.layout.world == 0 else None
 
-    def _step(self, loss, step, epoch, k):
-        """HFBackend._step with the pipeline's backward: the last stage from its loss, the others
-        from the gradient of their output the next stage sends; each stage past the first sends
-        the gradient of its input back. (Every stage has the same loss: its finiteness agrees.)"""
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)  # (NCCL: on the GPU)
-        if self.world > 1:
-            dist.all_reduce(bad, group=self.group)
-        if bad.item():
-            raise NonFiniteLoss(f"step {step}: {self.name} loss is {loss.item()} (epoch {epoch}, minibatch {k}); "
-                                f"the update was not applied")
-        self.optimizer.zero_grad(set_to_none=True)
+    def _backward(self, loss):
+        """The pipeline's backward: the last stage from its loss, the others from the gradient of
+        their output the next stage sends; each stage past the first sends the gradient of its
+        input back. (Every stage has the same loss, so HFBackend._step's finiteness check agrees.)"""
         inp, out = self._pipe
         self._pipe = None
         if self.last:
@@ -734,10 +730,6 @@ class MegatronBackend(HFBackend):
             out.backward(grad)
         if not self.first:
             dist.send(inp.grad.contiguous(), group=self.pp_group, group_dst=self.stage - 1)
-        norm = self._clip_grads(self.opt_cfg.grad_clip_norm or float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        return norm
 
     def _tied_copy(self):
         """With tied embeddings and pp > 1, this stage's copy of the shared weight (first stage:
