@@ -411,3 +411,26 @@ def test_info_command_reports_build():
     assert "rlhfkern._C loaded" in text
     assert "built        cpu=True" in text
     assert math.isfinite(float(rlhfkern.__version__.split(".")[0]))
+
+
+def _at_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("cpu" not in rlhfkern.backends(), reason="the CPU backend is not built")
+def test_cpu_bitwise_across_thread_counts():
+    """GAE and masked_whiten on the CPU backend: one thread and two give the same bits for a shape
+    split into several tasks (8 row groups of the GAE kernel, 8 tasks of the whitening rows)."""
+    torch.manual_seed(0)
+    B, T = 64, 4096
+    r, v = torch.randn(B, T), torch.randn(B, T)
+    m = torch.rand(B, T) > 0.2
+    run = lambda: (*rlhfkern.gae(r, v, m, 0.99, 0.95, backend="cpu"),  # noqa: E731
+                   rlhfkern.masked_whiten(v, m, backend="cpu"))
+    for a, b in zip(_at_threads(1, run), _at_threads(2, run)):
+        assert torch.equal(a, b)

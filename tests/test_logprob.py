@@ -497,3 +497,33 @@ def _tp_check_linear(rank, world, backends):
 @pytest.mark.parametrize("world", [2, 4])
 def test_linear_logprobs_vocab_parallel(tmp_path, world):
     run_tp(tmp_path, world, "_tp_check_linear")
+
+
+def _at_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("cpu" not in rlhfkern.backends(), reason="the CPU backend is not built")
+@pytest.mark.parametrize("N,V", [(64, 4096), (4096, 40)])  # 8 and 6 tasks of the kernels' grain (csrc/cpu/grain.h)
+def test_cpu_bitwise_across_thread_counts(N, V):
+    """The CPU kernels reduce each row in a fixed order: one thread and two give the same bits
+    (log-probs, entropy, d logits, plain and in-place backward) for shapes split into several tasks."""
+    torch.manual_seed(0)
+    x, labels = make(N, V)
+
+    def run(inplace):
+        leaf = x.clone().requires_grad_()
+        lp, ent = rlhfkern.logprobs(leaf.view_as(leaf), labels, return_entropy=True, backend="cpu",
+                                    inplace_backward=inplace)
+        (lp.sum() + 0.3 * ent.sum()).backward()
+        return lp.detach(), ent.detach(), leaf.grad
+
+    for inplace in (False, True):
+        one, two = _at_threads(1, lambda: run(inplace)), _at_threads(2, lambda: run(inplace))
+        for a, b in zip(one, two):
+            assert torch.equal(a, b)

@@ -565,3 +565,32 @@ def test_actor_loss_mixed_dtypes(backend_device):
                                      kl_coef=0.1, is_weights=isw.cpu().double())
     close(loss, e_loss, 1e-10, 1e-10)
     close(grad.double(), torch.autograd.grad(e_loss, b)[0].to(torch.bfloat16).double(), 1e-2, 1e-6)
+
+
+def _at_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("cpu" not in rlhfkern.backends(), reason="the CPU backend is not built")
+def test_cpu_bitwise_across_thread_counts():
+    """Actor and value loss on the CPU backend: one thread and two give the same bits (loss,
+    metrics, gradients) for a shape split into several tasks (4 of 8 rows at T = 4096)."""
+    torch.manual_seed(0)
+    lp, old, adv, m, ent, ref, isw = batch(32, 4096, dtype=torch.float32)
+
+    def run():
+        loss, metrics, g_lp, g_ent = run_actor(
+            lambda *a, **k: rlhfkern.actor_loss(*a, backend="cpu", **k), lp, old, adv, m, entropy=ent,
+            ref_log_prob=ref, entropy_coeff=0.01, kl_coef=0.05, is_weights=isw)
+        v = lp.detach().clone().requires_grad_()
+        vloss, clipfrac = rlhfkern.value_loss(v, adv, old, m, clip=0.2, backend="cpu")
+        (g_v,) = torch.autograd.grad(vloss, [v])
+        return [loss, g_lp, g_ent, vloss, clipfrac, g_v] + [metrics[k] for k in sorted(metrics)]
+
+    for a, b in zip(_at_threads(1, run), _at_threads(2, run)):
+        assert torch.equal(a, b)

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "grain.h"
 
 namespace rlhfkern {
 namespace {
@@ -50,7 +51,7 @@ void gae_rows(const val_t* r, const val_t* v, const mask_t* m, acc_t* adv, acc_t
   constexpr int R = 8;
   const acc_t gl = gamma * lam;
   const int64_t groups = (B + R - 1) / R;
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, groups, grain_for(R * T), [&](int64_t g0, int64_t g1) {
     for (int64_t grp = g0; grp < g1; ++grp) {
       const int64_t b = grp * R;
       if (b + R <= B) {
@@ -97,7 +98,7 @@ template <typename val_t, typename mask_t>
 void masked_row_sums(const val_t* x, const mask_t* m, int64_t B, int64_t T, int64_t sx, int64_t sm,
                      bool centered, double center, std::vector<double>& s, std::vector<double>& n) {
   constexpr int L = 8;  // independent partial sums: no add-latency chain, vectorisable
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const val_t* xb = x + b * sx;
       const mask_t* mb = m + b * sm;
@@ -152,7 +153,7 @@ at::Tensor masked_whiten_cpu(const at::Tensor& values, const at::Tensor& mask, b
         scalar_t* o = out.data_ptr<scalar_t>();
         const scalar_t mean_a = static_cast<scalar_t>(mean), rstd_a = static_cast<scalar_t>(rstd),
                        add_a = static_cast<scalar_t>(add);
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b)
             for (int64_t t = 0; t < T; ++t)
               o[b * T + t] = (static_cast<scalar_t>(x[b * sx + t]) - mean_a) * rstd_a + add_a;

@@ -1,6 +1,7 @@
 // CPU kernels of the log-prob family (formulas: rlhfkern/ops/logprob.py, row loops:
-// softmax_rows.h). OpenMP over rows, vocabulary tiles inside a row; float logits run the AVX2
-// build of the row loops when the processor has it (csrc/cpu/avx2.cpp).
+// softmax_rows.h). OpenMP over rows, serial below a grain of work (grain.h), vocabulary tiles
+// inside a row; float logits run the AVX2 build of the row loops when the processor has it
+// (csrc/cpu/avx2.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -13,6 +14,7 @@
 #include "../common.h"
 #include "../token_math.h"
 #include "avx2.h"
+#include "grain.h"
 #include "softmax_rows.h"
 
 namespace rlhfkern {
@@ -83,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
       const T* x = logits.data_ptr<T>();
       A *plp = lp.data_ptr<A>(), *pst = stats.data_ptr<A>(), *pent = entropy ? ent.data_ptr<A>() : nullptr;
       const int64_t sx = logits.stride(0);
-      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, N, grain_for(V + K), [&](int64_t r0, int64_t r1) {
         fwd_rows<T, A>(x, sx, V, A(temperature), lab, K, plp, pent, pst, r0, r1);
       });
     });
@@ -116,7 +118,7 @@ void logprobs_bwd_into(const at::Tensor& grad_lp, const c10::optional<at::Tensor
       T* o = out.data_ptr<T>();
       const A *pg = g.data_ptr<A>(), *ps = st.data_ptr<A>(), *pe = has_ent ? ge.data_ptr<A>() : nullptr;
       const int64_t sx = logits.stride(0), so = out.stride(0);
-      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, N, grain_for(V + K), [&](int64_t r0, int64_t r1) {
         bwd_rows<T, A>(x, sx, o, so, V, A(temperature), lab, K, pg, pe, ps, has_gs ? gs.data_ptr<A>() : nullptr, r0, r1);
       });
     });

@@ -18,6 +18,7 @@
 #include "../token_math.h"
 #include "avx2.h"
 #include "actor_rows.h"
+#include "grain.h"
 
 namespace rlhfkern {
 namespace {
@@ -84,7 +85,7 @@ template <typename val_t, typename mask_t, typename acc_t>
 void actor_fwd_impl(const Inputs& in, const TokenParams<acc_t>& p, acc_t* out) {
   const int64_t B = in.lp.size(0), T = in.lp.size(1);
   const int kind = avx2_mask_kind<val_t, mask_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const auto r = row_of<val_t, mask_t>(in, b);
       if constexpr (std::is_same_v<acc_t, float>) {
@@ -103,7 +104,7 @@ void actor_bwd_impl(const Inputs& in, const TokenParams<acc_t>& p, const acc_t* 
                     acc_t* grad_ent) {
   const int64_t B = in.lp.size(0), T = in.lp.size(1);
   const int kind = avx2_mask_kind<val_t, mask_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const auto r = row_of<val_t, mask_t>(in, b);
       acc_t* ge = grad_ent ? grad_ent + b * T : nullptr;
@@ -185,7 +186,7 @@ void value_impl(const at::Tensor& v, const at::Tensor& ret, const at::Tensor& ol
   const val_t *pv = v.data_ptr<val_t>(), *pr = ret.data_ptr<val_t>(), *po = old.data_ptr<val_t>();
   const mask_t* pm = mask.data_ptr<mask_t>();
   const int64_t sv = v.stride(0), sr = ret.stride(0), so = old.stride(0), sm = mask.stride(0);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       acc_t count = 0, sum = 0, clipped = 0;
       for (int64_t t = 0; t < T; ++t) {
@@ -281,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(const at::Tensor& lp, const at
       const int64_t sl = lp.stride(0), sr = ref.stride(0);
       const int base = static_cast<int>(kl_code & 3);
       const bool straight = (kl_code & 4) != 0;
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
           for (int64_t t = 0; t < T; ++t) {
             const KlTerms<acc_t> k = kl_terms<acc_t>(static_cast<acc_t>(pl[b * sl + t]),

@@ -1,12 +1,15 @@
 // Bucket pack/unpack of the resharding executor (rlhfkern/reshard/executor.py): one call per
 // bucket copies every segment (a view of a source or destination tensor, any strides) to or from
-// one flat buffer, segments in parallel, each contiguous run of the last dimension with memcpy.
+// one flat buffer, segments in parallel above a grain of work (grain.h), each contiguous run of
+// the last dimension with memcpy.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstring>
 #include <vector>
+
+#include "grain.h"
 
 namespace rlhfkern {
 namespace {
@@ -47,7 +50,11 @@ void run(const std::vector<at::Tensor>& segs, const at::Tensor& flat) {
   for (size_t i = 0; i < segs.size(); ++i) start[i + 1] = start[i] + segs[i].numel();
   char* f = static_cast<char*>(flat.data_ptr());
   const int64_t item = flat.element_size();
-  at::parallel_for(0, static_cast<int64_t>(segs.size()), 1, [&](int64_t a, int64_t b) {
+  // segments differ in size: the grain is taken from the mean, so a bucket of less than two
+  // tasks' worth of elements is copied serially on the calling thread
+  const int64_t n = static_cast<int64_t>(segs.size());
+  const int64_t mean = n > 0 ? start[n] / n : 0;
+  at::parallel_for(0, n, grain_for(mean), [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) copy_view(segs[i], f + start[i] * item, kToFlat);
   });
 }
