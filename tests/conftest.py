@@ -161,3 +161,13 @@ def assert_like_peer(ours, theirs, exact, what="", by_error=False, rtol=1e-5, at
         torch.testing.assert_close(o, t, rtol=fp64_tol, atol=fp64_tol, equal_nan=True, msg=what)
     else:
         torch.testing.assert_close(o, t, rtol=rtol, atol=atol, equal_nan=True, msg=what)
+
+
+def at_threads(n, fn):
+    """fn() with torch's CPU thread count set to n (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)

@@ -11,7 +11,7 @@ from rlhfkern import _dispatch
 from rlhfkern.compat import verl as compat_verl
 from rlhfkern.ops.gae import gae_reference, masked_whiten_reference
 
-from conftest import HAVE_TRITON, PEER_DTYPES, assert_like_peer, compiled_backends, need
+from conftest import HAVE_TRITON, PEER_DTYPES, assert_like_peer, at_threads, compiled_backends, need
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -413,15 +413,6 @@ def test_info_command_reports_build():
     assert math.isfinite(float(rlhfkern.__version__.split(".")[0]))
 
 
-def _at_threads(n, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.skipif("cpu" not in rlhfkern.backends(), reason="the CPU backend is not built")
 def test_cpu_bitwise_across_thread_counts():
     """GAE and masked_whiten on the CPU backend: one thread and two give the same bits for a shape
@@ -432,5 +423,5 @@ def test_cpu_bitwise_across_thread_counts():
     m = torch.rand(B, T) > 0.2
     run = lambda: (*rlhfkern.gae(r, v, m, 0.99, 0.95, backend="cpu"),  # noqa: E731
                    rlhfkern.masked_whiten(v, m, backend="cpu"))
-    for a, b in zip(_at_threads(1, run), _at_threads(2, run)):
+    for a, b in zip(at_threads(1, run), at_threads(2, run)):
         assert torch.equal(a, b)

@@ -11,7 +11,7 @@ from rlhfkern.compat import trl as compat_trl
 from rlhfkern.compat import verl as compat_verl
 from rlhfkern.ops.logprob import OP_BACKENDS, logprobs_reference
 
-from conftest import HAVE_TRITON, backend_pairs, compiled_backends, gloo_process, need, openrlhf_losses, run_processes
+from conftest import HAVE_TRITON, at_threads, backend_pairs, compiled_backends, gloo_process, need, openrlhf_losses, run_processes
 
 BACKENDS = compiled_backends(OP_BACKENDS)  # no CUDA kernel in this family: Triton serves GPUs
 
@@ -499,15 +499,6 @@ def test_linear_logprobs_vocab_parallel(tmp_path, world):
     run_tp(tmp_path, world, "_tp_check_linear")
 
 
-def _at_threads(n, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.skipif("cpu" not in rlhfkern.backends(), reason="the CPU backend is not built")
 @pytest.mark.parametrize("N,V", [(64, 4096), (4096, 40)])  # 8 and 6 tasks of the kernels' grain (csrc/cpu/grain.h)
 def test_cpu_bitwise_across_thread_counts(N, V):
@@ -524,6 +515,6 @@ def test_cpu_bitwise_across_thread_counts(N, V):
         return lp.detach(), ent.detach(), leaf.grad
 
     for inplace in (False, True):
-        one, two = _at_threads(1, lambda: run(inplace)), _at_threads(2, lambda: run(inplace))
+        one, two = at_threads(1, lambda: run(inplace)), at_threads(2, lambda: run(inplace))
         for a, b in zip(one, two):
             assert torch.equal(a, b)

@@ -12,7 +12,7 @@ from rlhfkern.compat import verl as compat_verl
 from rlhfkern.ops.ppo_loss import (AGG_MODES, KL_KINDS, OP_BACKENDS, actor_loss_reference, agg_loss_reference,
                                    kl_penalty_reference, value_loss_reference)
 
-from conftest import PEER_DTYPES, assert_like_peer, compiled_backends, need, openrlhf_losses
+from conftest import PEER_DTYPES, assert_like_peer, at_threads, compiled_backends, need, openrlhf_losses
 
 BACKENDS = compiled_backends(OP_BACKENDS)  # no CUDA kernel in this family: Triton serves GPUs
 
@@ -567,15 +567,6 @@ def test_actor_loss_mixed_dtypes(backend_device):
     close(grad.double(), torch.autograd.grad(e_loss, b)[0].to(torch.bfloat16).double(), 1e-2, 1e-6)
 
 
-def _at_threads(n, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.skipif("cpu" not in rlhfkern.backends(), reason="the CPU backend is not built")
 def test_cpu_bitwise_across_thread_counts():
     """Actor and value loss on the CPU backend: one thread and two give the same bits (loss,
@@ -592,5 +583,5 @@ def test_cpu_bitwise_across_thread_counts():
         (g_v,) = torch.autograd.grad(vloss, [v])
         return [loss, g_lp, g_ent, vloss, clipfrac, g_v] + [metrics[k] for k in sorted(metrics)]
 
-    for a, b in zip(_at_threads(1, run), _at_threads(2, run)):
+    for a, b in zip(at_threads(1, run), at_threads(2, run)):
         assert torch.equal(a, b)
