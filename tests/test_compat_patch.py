@@ -208,7 +208,7 @@ def openrlhf_importable():
     here; the OpenRLHF modules themselves are the real 0.11.2 files). Removed afterwards, with every
     module imported through them."""
     pytest.importorskip("openrlhf", reason="openrlhf is not installed (pip install --no-deps openrlhf==0.11.2)")
-    def installed(name):  # a namespace package (tests/vllm seen from here) is not the package
+    def installed(name):  # a namespace package (a folder of that name on sys.path) is not the package
         spec = importlib.util.find_spec(name)
         return spec is not None and spec.origin not in (None, "namespace")
 

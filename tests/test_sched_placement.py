@@ -4,6 +4,7 @@ against real tensors, the memory check and the plan's text. One Ray instance for
 import copy
 import math
 import re
+import subprocess
 import sys
 
 import pytest
@@ -228,7 +229,9 @@ def test_vllm_rollout_memory_is_its_vllm_shard(tp):
     from rlhfkern.reshard import ModelSpec, VLLMLayout
     from rlhfkern.sched.vllm import kv_cache_bytes
 
-    assert not [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]  # kv_cache_bytes is pure
+    # kv_cache_bytes is pure: importing rlhfkern.sched.vllm imports no vllm (a fresh interpreter)
+    probe = "import sys, rlhfkern.sched.vllm; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
     cfg = _vllm_cfg(f"models.rollout.tp={tp}", f"placement.devices_per_node={tp}")
     hf = cfg.hf_config("rollout")
     sd = {k: v.detach() for k, v in AutoModelForCausalLM.from_config(hf).named_parameters()}
