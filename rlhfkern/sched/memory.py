@@ -31,7 +31,9 @@ vocabulary padded). A vLLM rollout (backend vllm, rlhfkern.sched.vllm) counts, p
                   heads), resident like the weights: with offload on CUDA (colocated) vLLM's
                   sleep frees both weights and cache outside the rollout's phases
   sync_buffers    CPU tensors only, tp > 1, the replica's first rank: the replica's tp shards the
-                  sync plan fills before they go to vLLM's workers (on CUDA they are host memory)
+                  sync plan fills in shared memory (/dev/shm) for vLLM's workers to copy (on CUDA
+                  they are host memory; a tp-1 engine outside the worker's process has them too,
+                  not counted)
   generate        activations: the hf formula's inference working set below with this rank's
                   heads and ffn (heads / tp, f / tp); logits as hf's; no transient KV cache
 These vLLM numbers are estimates, not measured: vLLM's workers (tp > 1) are processes of their own
