@@ -42,14 +42,12 @@ root, created here on first use (torch and transformers pinned to this venv's; a
 with a warm pip cache). Run:
     python -m pytest bench/bench_engine.py --bench-md bench/results/engine-cpu-2core.md"""
 
-import json
 import os
 import random
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -104,68 +102,8 @@ def ensure_trl112():
     return TRL112_PYTHON
 
 
-def cpu_seconds(pids):
-    """CPU seconds (user + system, all threads) used so far by a system's processes."""
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-class System:
+class System(trl_baseline.Child):
     """One system in its own process, one RL step per step()."""
-
-    def __init__(self, name, spec, python, script, work):
-        self.name = name
-        path = work / f"{name.replace(' ', '_')}.json"
-        path.write_text(json.dumps(spec))
-        self.log_path = work / f"{name.replace(' ', '_')}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([python, os.path.join(HERE, script), str(path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1, cwd=ROOT,
-                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled",
-                                          **spec.get("env", {})})
-        self.info, self.steps, self.seconds, self.cpu = None, [], [], []
-
-    def expect(self, kind):
-        line = self.proc.stdout.readline()
-        if not line.startswith(kind):
-            self.proc.kill()
-            self.log.flush()
-            raise RuntimeError(f"{self.name}: expected {kind}, got {line!r}; its log ({self.log_path}) ends:\n"
-                               + self.log_path.read_text()[-3000:])
-        rest = line[len(kind):].strip()
-        return json.loads(rest) if rest else None
-
-    def ready(self):
-        self.info = self.expect("READY")
-        return self
-
-    def step(self):
-        t = time.perf_counter()
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        self.steps.append(self.expect("STEP"))
-        self.seconds.append(time.perf_counter() - t)
-        self.cpu.append(cpu_seconds(self.info["pids"]))
-
-    def close(self, finished):
-        try:
-            if finished:
-                self.proc.stdin.write("end\n")
-                self.proc.stdin.flush()
-                self.expect("END")
-            self.proc.wait(timeout=120)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.log.close()
 
     def row(self, epochs):
         """The table row of the timed rounds, per step (a round's time and tokens / its steps)."""

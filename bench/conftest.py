@@ -101,7 +101,8 @@ def rates_table(benchmarks):
     benchmark's extra_info["rows"] (several systems timed inside one benchmark: each with label,
     role, seconds, rates). Columns: time per call, each rate, ratios (a row's "ratios" ({column:
     value}) where rows carry them, else the first rate's ratio to every baseline row of the group),
-    the per-call amounts ("per_step") and "notes" ({name: text}); a benchmark's
+    the per-call amounts ("per_step"), a row's own text "columns" ({name: text}) and "notes"
+    ({name: text}); a benchmark's
     extra_info["group_notes"] ({name: text}) follow the group's table."""
     groups, group_notes = {}, {}
     for b in benchmarks:
@@ -122,13 +123,15 @@ def rates_table(benchmarks):
                   for r in rows]
         ratio_names = list(dict.fromkeys(k for rr in ratios for k in rr))
         amounts = list(rows[0].get("per_step", {}))
+        columns = list(dict.fromkeys(k for r in rows for k in r.get("columns", {})))
         head = (["group", "backend", "time per call"] + rate_names + ratio_names
-                + [f"{a} per call" for a in amounts] + ["notes"])
+                + [f"{a} per call" for a in amounts] + columns + ["notes"])
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 3) + "---|"]
         for r, rr in zip(rows, ratios):
             cells = [group, r["label"], format_time(r["seconds"])] + [f"{r['rates'][n]:.0f}" for n in rate_names]
             cells += [f"{rr[n]:.2f}x" if n in rr else "" for n in ratio_names]
             cells += [f"{r['per_step'][a]:.0f}" for a in amounts]
+            cells += [r.get("columns", {}).get(c, "") for c in columns]
             cells.append("; ".join(f"{k}: {v}" for k, v in r.get("notes", {}).items()))
             out.append("| " + " | ".join(cells) + " |")
         out += [""] + [f"{k}: {v}" for k, v in group_notes[group].items()] + [""]

@@ -1,4 +1,5 @@
-"""TRL baselines of bench/bench_engine.py, run step by step from the benchmark process.
+"""TRL baselines of bench/bench_engine.py (and bench/bench_trl.py), run step by step from the
+benchmark process; `Child` is the benchmark's end of the protocol.
 
     python bench/trl_baseline.py SPEC.json
 
@@ -37,13 +38,19 @@ SYMBOLS = load_tasks(os.path.join(os.path.dirname(os.path.abspath(__file__)), os
                                   "tasks.py")).SYMBOLS
 
 
-def tokenizer():
-    """A fast tokenizer of the 14-token vocabulary, one token per whitespace-separated symbol, that
-    adds no special tokens (prompts carry their own BOS)."""
+def vocabulary(size=len(SYMBOLS)):
+    """The digit tasks' symbols, then filler words v14, v15, ... up to `size` (a model whose
+    vocabulary is larger than the tasks': every id it can sample has a word)."""
+    return SYMBOLS + [f"v{i}" for i in range(len(SYMBOLS), size)]
+
+
+def tokenizer(symbols=SYMBOLS):
+    """A fast tokenizer of the symbols (by default the 14-token vocabulary), one token per
+    whitespace-separated symbol, that adds no special tokens (prompts carry their own BOS)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(SYMBOLS)}, unk_token="<pad>"))
+    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<pad>", padding_side="left")
@@ -123,12 +130,15 @@ class Counter:
 
 
 def common_args(s):
+    logging = {"logging_steps": s["logging_steps"]} if "logging_steps" in s else {}  # else each trainer's default
     return dict(output_dir=s["work_dir"], learning_rate=s["lr"], seed=s["seed"],
                 lr_scheduler_type="constant", bf16=False, fp16=False, use_cpu=True, report_to="none",
-                save_strategy="no", eval_strategy="no")
+                save_strategy="no", eval_strategy="no", **logging)
 
 
-def run_grpo(s, channel, tasks, counter):
+def run_grpo(s, channel, tasks, counter, callbacks=()):
+    """Trains GRPOTrainer over the spec (s["vocab"]: the tokenizer's size, default the tasks' 14
+    symbols), gated by the channel; `callbacks` follow the gate. Returns the trainer."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -151,10 +161,11 @@ def run_grpo(s, channel, tasks, counter):
     data = Dataset.from_dict({"prompt": [to_text(p) for p in s["prompts"]]})
     every = (per_gen // mb) * s["ppo_epochs"] * s["steps_per_round"]  # optimizer steps per round
     trainer = GRPOTrainer(model=s["model_dir"], reward_funcs=[rule_reward], args=args, train_dataset=data,
-                          processing_class=tokenizer(),
+                          processing_class=tokenizer(vocabulary(s.get("vocab", len(SYMBOLS)))),
                           callbacks=[gate_callback(channel, every, s["steps"], counter,
-                                                   lambda m: weight_digest(m.named_parameters()))])
+                                                   lambda m: weight_digest(m.named_parameters())), *callbacks])
     trainer.train()
+    return trainer
 
 
 class _Ids:
@@ -230,6 +241,80 @@ def run_ppo(s, channel, tasks, counter):
                          callbacks=[gate_callback(channel, s["steps_per_round"], s["steps"], counter,
                                                     lambda m: digest)])
     trainer.train()
+
+
+def cpu_seconds(pids):
+    """CPU seconds (user + system, all threads) used so far by a system's processes."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class Child:
+    """The benchmark's end of the protocol: one system in a process of its own (`script`, a file of
+    bench/, run by `python` with the spec's path), its stderr in work/<name>.log; ready() waits for
+    READY, step() releases one round and times it (wall and the processes' CPU seconds), close()
+    returns END's payload."""
+
+    def __init__(self, name, spec, python, script, work):
+        import subprocess
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.name = name
+        path = work / f"{name.replace(' ', '_')}.json"
+        path.write_text(json.dumps(spec))
+        self.log_path = work / f"{name.replace(' ', '_')}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([python, os.path.join(here, script), str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
+                                     cwd=os.path.dirname(here),
+                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled",
+                                          **spec.get("env", {})})
+        self.info, self.steps, self.seconds, self.cpu = None, [], [], []
+
+    def expect(self, kind):
+        line = self.proc.stdout.readline()
+        if not line.startswith(kind):
+            self.proc.kill()
+            self.log.flush()
+            raise RuntimeError(f"{self.name}: expected {kind}, got {line!r}; its log ({self.log_path}) ends:\n"
+                               + self.log_path.read_text()[-3000:])
+        rest = line[len(kind):].strip()
+        return json.loads(rest) if rest else None
+
+    def ready(self):
+        self.info = self.expect("READY")
+        return self
+
+    def step(self):
+        t = time.perf_counter()
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        self.steps.append(self.expect("STEP"))
+        self.seconds.append(time.perf_counter() - t)
+        self.cpu.append(cpu_seconds(self.info["pids"]))
+
+    def close(self, finished):
+        """Lets a child that ran all its rounds wind down (END's payload returned) or ends it."""
+        end = None
+        try:
+            if finished:
+                self.proc.stdin.write("end\n")
+                self.proc.stdin.flush()
+                end = self.expect("END")
+            self.proc.wait(timeout=120)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.log.close()
+        return end
 
 
 def main():
