@@ -115,41 +115,57 @@ def test_trl_patch(spied):
 
     from rlhfkern.compat import trl as compat
 
+    import trl.kernels.chunked_logprob as trl_head
+    import trl.trainer.utils as trl_utils
+
     spy, counts = spied
     spy(compat, "selective_log_softmax")
-    with pytest.warns(UserWarning, match=r"TRL 1\.16\.0's GRPOTrainer does not call selective_log_softmax.*"
-                                         r"ChunkedLogProbFunction"):
+    head = trl_head.ChunkedLogProbFunction
+    assert "trl.trainer.utils._ChunkedLogProbFunction" in holders("trl", [head])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # TRL 1.16's GRPOTrainer reaches the fused head: no warning
         handle, originals, before = assert_patched_and_undone(compat, "trl", [(sdpo, "selective_log_softmax")])
     try:
         student, teacher = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
         ids = torch.randint(0, 9, (2, 4))
         sdpo.compute_sampled_token_self_distillation_loss(student, teacher, ids, distillation_alpha=1.0)
         assert counts["selective_log_softmax"] == 2  # student and teacher, through TRL's own code
+        # TRL >= 1.15's fused LM head: the reference GRPOTrainer's fused forward reads holds ours
+        assert trl_utils._ChunkedLogProbFunction is compat.ChunkedLogProbFunction
     finally:
         handle.undo()
     assert holders("trl", originals.values()) == before
+    assert trl_utils._ChunkedLogProbFunction is head
     assert sdpo.selective_log_softmax is originals["selective_log_softmax"]
 
 
 def test_trl_patch_never_silently_does_nothing(monkeypatch):
-    """patch() warns, naming the TRL version, when it replaces nothing (here: already patched);
-    a GRPOTrainer that calls selective_log_softmax (TRL <= 1.14, stood in by a module holding
-    TRL's function) is patched without a warning; a TRL without selective_log_softmax_and_entropy
-    (before 1.15) is patched for the other two."""
+    """patch() warns, naming the TRL version, when it replaces nothing (here: already patched), and
+    when GRPOTrainer calls nothing it replaced (a fused head it cannot reach, stood in by hiding
+    trl.kernels.chunked_logprob); a GRPOTrainer that calls selective_log_softmax (TRL <= 1.14,
+    stood in by a module holding TRL's function) is patched without a warning; a TRL without
+    selective_log_softmax_and_entropy (before 1.15) is patched for the other two."""
     need("trl", extra="test")
     import trl
     import trl.trainer.utils as trl_utils
 
     from rlhfkern.compat import trl as compat
 
-    with pytest.warns(UserWarning, match="GRPOTrainer"):
-        first = compat.patch()
+    first = compat.patch()
     try:
         with pytest.warns(UserWarning, match=rf"replaced nothing in TRL {trl.__version__}"):
             second = compat.patch()
         assert second.replaced == []
     finally:
         first.undo()
+    no_head = {**compat.TARGETS, "trl.kernels.no_such_module": ("ChunkedLogProbFunction",)}
+    del no_head["trl.kernels.chunked_logprob"]
+    with monkeypatch.context() as mp:
+        mp.setattr(compat, "TARGETS", no_head)
+        with pytest.warns(UserWarning, match=rf"TRL {trl.__version__}'s GRPOTrainer calls none of the functions"):
+            compat.patch().undo()
+    monkeypatch.setattr(compat, "TARGETS", no_head)  # TRL <= 1.14: no fused head
 
     older = types.ModuleType("trl.trainer.grpo_trainer")  # `from .utils import selective_log_softmax, ...`
     older.selective_log_softmax = trl_utils.selective_log_softmax
@@ -165,7 +181,8 @@ def test_trl_patch_never_silently_does_nothing(monkeypatch):
         assert not [w for w in seen if "rlhfkern" in str(w.message)], [str(w.message) for w in seen]
         assert older.selective_log_softmax is compat.selective_log_softmax
         assert older.entropy_from_logits is compat.entropy_from_logits
-        assert handle.missing == ["trl.trainer.utils.selective_log_softmax_and_entropy"]
+        assert handle.missing == ["trl.trainer.utils.selective_log_softmax_and_entropy",
+                                  "trl.kernels.no_such_module.ChunkedLogProbFunction"]
     finally:
         handle.undo()
     assert older.selective_log_softmax is trl_utils.selective_log_softmax

@@ -307,6 +307,100 @@ def test_compat_verl_openrlhf_dtypes():
                                                                      else torch.float32)
 
 
+def _fused_head_run(fn, h, w, b, targets, grads):
+    """TRL's fused-head call: the 5 outputs and the gradients (hidden, weight, bias) of
+    sum(log_probs * g0 + entropy * g1)."""
+    leaves = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    outs = fn(*leaves, targets)
+    loss = (outs[0] * grads[0]).sum() + (outs[1] * grads[1]).sum()
+    return outs, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("head", [dict(), dict(final_logit_softcapping=5.0, logit_scale=0.8)],
+                         ids=["plain", "softcap-scale"])
+def test_compat_trl_fused_head_equals_trl(head):
+    """compat.trl.ChunkedLogProbFunction (on linear_logprobs) against TRL 1.16's own
+    trl.kernels.ChunkedLogProbFunction on the same inputs: the five outputs, their dtypes, and the
+    gradients w.r.t. hidden, weight and bias; float32, bfloat16, and float32 under bf16 autocast."""
+    need("trl", extra="test")
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction as TRLHead
+
+    gen = torch.Generator().manual_seed(3)
+    N, H, V = 70, 16, 300
+    h, w, b = torch.randn(N, H, generator=gen), torch.randn(V, H, generator=gen) * 0.5, torch.randn(V, generator=gen)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[:5] = (h @ w.T + b)[:5].argmax(-1)  # some top-1 targets
+    grads = (torch.randn(N, generator=gen), torch.randn(N, generator=gen))
+    outputs = compat_trl.FUSED_HEAD_OUTPUTS
+    for dtype, autocast in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
+        hd, wd, bd = h.to(dtype), w.to(dtype), b.to(dtype)
+        runs = []
+        for fn in (compat_trl.ChunkedLogProbFunction.apply, TRLHead.apply):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                runs.append(_fused_head_run(  # positional, as TRL calls it (autograd's apply takes no keywords)
+                    lambda a, c, d, t: fn(a, c, d, t, 0.7, 128, head.get("final_logit_softcapping"),
+                                          head.get("logit_scale", 1.0), outputs), hd, wd, bd, targets, grads))
+        (ours, our_grads), (theirs, their_grads) = runs
+        tol = 1e-5 if dtype == torch.float32 and not autocast else 2e-2
+        for name, x, y in zip(("log_probs",) + outputs, ours, theirs):
+            assert x.dtype == y.dtype and x.shape == y.shape, (name, dtype, autocast)
+            if name == "is_top1":
+                assert torch.equal(x, y) and x[:5].all() and not x.all()
+            else:
+                assert x.requires_grad == y.requires_grad, name
+                close(x, y, tol, tol)
+        for x, y in zip(our_grads, their_grads):
+            assert x.dtype == y.dtype
+            close(x, y, tol, tol * 10)
+
+
+def test_compat_trl_fused_head_in_a_model():
+    """TRL's add_fused_lm_head on a tiny Llama: with compat.trl.patch() the model's fused forward
+    (what GRPOTrainer calls) runs our function, and gives TRL's log-probs, entropy and loss."""
+    need("trl", "transformers", extra="test")
+    import warnings
+
+    import trl.trainer.utils as trl_utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    trl_utils.add_fused_lm_head(model, temperature=0.9, outputs=("log_probs", "entropy"))
+    ids = torch.randint(0, 500, (2, 12))
+    labels = ids.clone()
+    labels[0, :4] = -100
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.loss + out.entropy.sum()).backward()
+        return out.log_probs.detach(), out.entropy.detach(), out.loss.detach(), model.lm_head.weight.grad.clone()
+
+    stock = run()
+    calls = []
+    real = compat_trl.ChunkedLogProbFunction.apply
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # TRL 1.16's GRPOTrainer is reached: no warning
+        handle = compat_trl.patch()
+    try:
+        assert trl_utils._ChunkedLogProbFunction is compat_trl.ChunkedLogProbFunction
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(compat_trl.ChunkedLogProbFunction, "apply", staticmethod(counting))
+            patched = run()
+    finally:
+        handle.undo()
+    assert calls == [1]
+    assert trl_utils._ChunkedLogProbFunction is compat_trl._TRL_FUSED_HEAD
+    for x, y in zip(patched, stock):
+        close(x, y, 1e-5, 1e-5)
+
+
 def test_compat_trl_one_pass_equals_the_two_calls():
     """selective_log_softmax_and_entropy == (selective_log_softmax, entropy_from_logits), bitwise,
     with temperature, row_mask and entropy_requires_grad=False; gradients too."""
@@ -407,7 +501,7 @@ def test_vocab_parallel_matches_unsharded(tmp_path, world):
 
 
 # ----------------------------------------------------------------------------- fused with the LM head
-from rlhfkern.ops.logprob import linear_logprobs_reference  # noqa: E402
+from rlhfkern.ops.logprob import head_transform, linear_logprobs_reference  # noqa: E402
 
 
 def run_linear(fn, h, w, labels, grads):
@@ -436,12 +530,14 @@ def test_linear_logprobs_against_reference(backend_device, V, H, K):
         close(x, y, 2e-5, 2e-5)
 
 
-def test_linear_logprobs_batch_invariance(backend_device):
+@pytest.mark.parametrize("V", [9000, 40])
+def test_linear_logprobs_batch_invariance(backend_device, V):
     """A token's log-prob and entropy are bitwise the same whatever the batch around it, its
-    position in it, and chunk_size (the logits blocks have one fixed shape)."""
+    position in it, and chunk_size (every logits matmul has one fixed shape; at V = 40 a block
+    holds many token tiles)."""
     backend, device = backend_device
-    h, w = torch.randn(300, 64).to(device), (torch.randn(9000, 64) * 0.3).to(device)
-    labels = torch.randint(0, 9000, (300,)).to(device)
+    h, w = torch.randn(300, 64).to(device), (torch.randn(V, 64) * 0.3).to(device)
+    labels = torch.randint(0, V, (300,)).to(device)
     lp, ent = rlhfkern.linear_logprobs(h, w, labels, return_entropy=True, backend=backend)
     for chunk in (1, 7, 1000):
         lp_c, ent_c = rlhfkern.linear_logprobs(h, w, labels, return_entropy=True, chunk_size=chunk, backend=backend)
@@ -449,6 +545,73 @@ def test_linear_logprobs_batch_invariance(backend_device):
     order = torch.tensor([250, 3, 131, 129, 7])
     lp_s, ent_s = rlhfkern.linear_logprobs(h[order], w, labels[order], return_entropy=True, backend=backend)
     assert torch.equal(lp_s, lp[order]) and torch.equal(ent_s, ent[order])
+
+
+HEADS = [dict(), dict(softcap=3.0), dict(bias=True, logit_scale=1.7, softcap=2.5)]
+
+
+def run_head(fn, h, w, b, labels, grads):
+    """(lp, entropy, sum_p2, mean_logit, is_top1, d hidden, d weight[, d bias]) of fn(h, w, b, labels)."""
+    leaves = [x.detach().clone().requires_grad_() for x in (h, w) + ((b,) if b is not None else ())]
+    outs = fn(*leaves[:2], leaves[2] if b is not None else None, labels)
+    loss = sum((o * g.to(o)).sum() for o, g in zip(outs[:4], grads))
+    return tuple(outs) + torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("head", HEADS, ids=lambda d: "-".join(d) or "plain")
+@pytest.mark.parametrize("V,K", [(40, None), (9000, 2)])
+def test_linear_logprobs_head_transform(backend_device, head, V, K):
+    """Bias, logit scale, softcapping and the extra outputs (mean logit, is-top-1) against the
+    float64 spec, gradients w.r.t. hidden, weight and bias included; over several token tiles
+    (N = 300) and, at V = 40, one block of them."""
+    backend, device = backend_device
+    N, H = 300, 24
+    h, w = torch.randn(N, H), torch.randn(V, H) * 0.4
+    b = torch.randn(V) if head.get("bias") else None
+    labels = torch.randint(0, V, (N,) if K is None else (N, K))
+    labels.view(-1)[[2, 77]] = -100
+    h[1] = h[0]  # tokens 0 and 1 have vocabulary rows 3 and 5 tied at their top: is_top1 is the first's
+    w[3] = w[5] = h[0] * 0.5
+    if b is not None:
+        b[5] = b[3]
+    labels[0], labels[1] = 3, 5
+    kw = dict(logit_scale=head.get("logit_scale", 1.0), softcap=head.get("softcap"))
+    argmax = head_transform(h.double() @ w.double().T, None if b is None else b.double(), **kw).argmax(-1)
+    labels[10:40] = argmax[10:40] if K is None else argmax[10:40, None]  # some labels are the top-1
+    grads = [torch.randn(labels.shape, dtype=torch.float64)] + [torch.randn(N, dtype=torch.float64) for _ in range(3)]
+    ours = run_head(lambda a, c, d, l: rlhfkern.linear_logprobs(
+        a, c, l, bias=d, temperature=0.8, return_entropy=True, return_sum_p2=True, return_mean_logit=True,
+        return_is_top1=True, backend=backend, **kw), h.to(device), w.to(device), None if b is None else b.to(device),
+        labels.to(device), [g.to(device) for g in grads])
+    ref = run_head(lambda a, c, d, l: linear_logprobs_reference(
+        a, c, l, 0.8, True, True, bias=d, return_mean_logit=True, return_is_top1=True, **kw),
+        h.double(), w.double(), None if b is None else b.double(), labels, grads)
+    # is_top1 is exact where the label's logit is clear of every other (softcapping saturates
+    # the largest logits into near-ties that float32 cannot order)
+    z = head_transform(h.double() @ w.double().T, None if b is None else b.double(), **kw)
+    lab = labels.reshape(N, -1)
+    others = z[:, None, :].expand(N, lab.shape[1], V).scatter(-1, lab.clamp(min=0)[..., None], float("-inf"))
+    clear = ((z.gather(1, lab.clamp(min=0)) - others.amax(-1)).abs() > 1e-4).reshape(labels.shape)
+    clear[:2] = True  # the exact tie of tokens 0 and 1: the first maximum wins
+    assert ours[4].dtype == torch.bool and torch.equal(ours[4].cpu()[clear], ref[4][clear])
+    assert ref[4][clear].any() and not ref[4][clear].all() and clear.float().mean() > 0.9
+    for x, y in zip(ours[:4], ref[:4]):
+        close(x, y, 3e-5, 3e-5)
+    for x, y in zip(ours[5:], ref[5:]):  # gradients: sums over 9000 fp32 terms, the tied rows' logits large
+        close(x, y, 1e-4, 1e-4)
+
+
+def test_linear_logprobs_head_reference_gradcheck():
+    h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 5, -100, 2])
+
+    def f(h, w, b):
+        return torch.cat([x.flatten() for x in linear_logprobs_reference(
+            h, w, labels, 0.7, True, True, bias=b, logit_scale=1.3, softcap=2.0, return_mean_logit=True)])
+
+    assert torch.autograd.gradcheck(f, (h, w, b))
 
 
 def test_linear_logprobs_bad_input():
@@ -461,6 +624,14 @@ def test_linear_logprobs_bad_input():
         rlhfkern.linear_logprobs(h, w, labels + 10, backend="cpu")
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         rlhfkern.linear_logprobs(h, w, labels, chunk_size=0)
+    with pytest.raises(ValueError, match=r"bias must be \[10\]"):
+        rlhfkern.linear_logprobs(h, w, labels, bias=torch.zeros(9))
+    with pytest.raises(ValueError, match="bias must be"):
+        rlhfkern.linear_logprobs(h, w, labels, bias=torch.zeros(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="softcap must be None or a positive"):
+        rlhfkern.linear_logprobs(h, w, labels, softcap=0.0)
+    with pytest.raises(ValueError, match="logit_scale must be a finite number"):
+        rlhfkern.linear_logprobs(h, w, labels, logit_scale=float("nan"))
 
 
 def test_compat_verl_linear_cross_entropy(backend_device):
@@ -481,17 +652,24 @@ def _tp_check_linear(rank, world, backends):
     N, H, shard = 9, 12, 50
     h = torch.randn(N, H, dtype=torch.float64)
     w = torch.randn(shard * world, H, dtype=torch.float64) * 0.4
+    b = torch.randn(shard * world, dtype=torch.float64)
     labels = torch.randint(0, shard * world, (N,))
-    g = [torch.randn(N, dtype=torch.float64) for _ in range(3)]
-    ref = run_linear(lambda a, b, l: linear_logprobs_reference(a, b, l, 0.7, True, True), h, w, labels, g)
+    head = dict(logit_scale=1.3, softcap=4.0)
+    labels[:3] = head_transform(h @ w.T, b, **head).argmax(-1)[:3]  # some top-1 labels
+    g = [torch.randn(N, dtype=torch.float64) for _ in range(4)]
+    ref = run_head(lambda a, c, d, l: linear_logprobs_reference(a, c, l, 0.7, True, True, bias=d, return_mean_logit=True,
+                                                                return_is_top1=True, **head), h, w, b, labels, g)
     mine = slice(rank * shard, (rank + 1) * shard)
     for backend in backends:
-        ours = run_linear(lambda a, b, l: rlhfkern.linear_logprobs(
-            a, b, l, temperature=0.7, return_entropy=True, return_sum_p2=True, tp_group=dist.group.WORLD,
-            backend=backend), h.float(), w[mine].float(), labels, g)
-        for x, y in zip(ours[:4], ref[:4]):  # log-probs, entropy, sum p^2, grad hidden (all-reduced)
+        ours = run_head(lambda a, c, d, l: rlhfkern.linear_logprobs(
+            a, c, l, bias=d, temperature=0.7, return_entropy=True, return_sum_p2=True, return_mean_logit=True,
+            return_is_top1=True, tp_group=dist.group.WORLD, backend=backend, **head), h.float(), w[mine].float(),
+            b[mine].float(), labels, g)
+        assert torch.equal(ours[4], ref[4]) and ref[4][:3].all()
+        for x, y in zip(ours[:4] + ours[5:6], ref[:4] + ref[5:6]):  # per-token outputs, grad hidden (all-reduced)
             close(x, y, 2e-5, 2e-5)
-        close(ours[4], ref[4][mine], 2e-5, 2e-5)  # grad of this rank's weight shard
+        close(ours[6], ref[6][mine], 2e-5, 2e-5)  # grads of this rank's weight and bias shards
+        close(ours[7], ref[7][mine], 2e-5, 2e-5)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -13,6 +13,7 @@ manager).
 """
 
 import importlib
+import importlib.util
 import sys
 
 
@@ -60,14 +61,25 @@ def _import(module_name, package):
                           f"is {package} installed with its own dependencies?") from e
 
 
+def _importable(module_name):
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
 def patch(package, targets, drop_ins, optional=()):
     """targets: {defining module: (names...)}; drop_ins: the module holding the replacements under
     the same names (read now). Replaces every reference, in the imported modules of `package`, to
     each original object; returns the Patch (undo handle). A name in `optional` that its module
-    lacks (an older version of the package) is skipped and listed in the handle's `missing`."""
+    lacks, or whose module does not exist (an older version of the package), is skipped and listed
+    in the handle's `missing`."""
     originals = {}  # id(original) -> (original, replacement)
     missing = []
     for module_name, names in targets.items():
+        if all(name in optional for name in names) and not _importable(module_name):
+            missing += [f"{module_name}.{name}" for name in names]  # a module an older version lacks
+            continue
         module = _import(module_name, package)
         for name in names:
             replacement = getattr(drop_ins, name)

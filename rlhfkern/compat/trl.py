@@ -19,8 +19,9 @@ torch.randn, scale 1 for V = 1024, 3 for V = 32000), largest absolute error, our
 TRL 1.15+ GRPOTrainer (also RLOO, SFT, DPO, KTO) computes its log-probs and entropy through
 its own fused LM head, not through these functions: `add_fused_lm_head` (trl/trainer/utils.py)
 patches the model's forward, which calls `trl.kernels.ChunkedLogProbFunction.apply(hidden, weight,
-bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)`. patch()
-does not replace that, and says so with a warning.
+bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)`. Our
+`ChunkedLogProbFunction` routes that to `rlhfkern.linear_logprobs` (bias, logit scale, softcapping
+and the extra outputs included), and patch() installs it where TRL has one.
 """
 
 import importlib
@@ -67,9 +68,58 @@ def entropy_from_logits(logits, chunk_size=128):
     return _lp.logprobs(logits, labels, return_entropy=True)[1].to(logits.dtype)
 
 
+FUSED_HEAD_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's OPTIONAL_OUTPUTS
+_TRL_FUSED_HEAD = None  # TRL's own ChunkedLogProbFunction, kept by patch() for what we do not cover
+
+
+class ChunkedLogProbFunction:
+    """TRL >= 1.15's fused LM-head log-prob function (trl/kernels/chunked_logprob.py), on
+    rlhfkern.linear_logprobs: `apply(hidden [N, H], weight [V, H], bias [V] or None, targets [N],
+    temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0, outputs=...)` returns
+    (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), float32 (is_top1 bool), None for
+    an output not in `outputs`; the last three carry no gradient. Like TRL's, it computes in the
+    autocast dtype when autocast is on (else hidden's dtype). Under DeepSpeed ZeRO-3 (whose
+    backward must re-gather a partitioned head) and on devices without our kernels, it calls TRL's
+    own function."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
+              outputs=FUSED_HEAD_OUTPUTS):
+        unknown = set(outputs) - set(FUSED_HEAD_OUTPUTS) - {"log_probs"}
+        if unknown:
+            raise ValueError(f"outputs: unknown {sorted(unknown)}; TRL's fused head knows {FUSED_HEAD_OUTPUTS}")
+        if _TRL_FUSED_HEAD is not None and (hidden.device.type not in ("cpu", "cuda") or _zero3()):
+            return _TRL_FUSED_HEAD.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                         final_logit_softcapping, logit_scale, outputs)
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            results = _lp.linear_logprobs(
+                hidden.to(dtype), weight.to(dtype), targets, bias=None if bias is None else bias.to(dtype),
+                temperature=temperature, logit_scale=logit_scale, softcap=final_logit_softcapping,
+                return_entropy="entropy" in outputs, return_sum_p2="log_sum_sq_probs" in outputs,
+                return_mean_logit="mean_logits" in outputs, return_is_top1="is_top1" in outputs, chunk_size=chunk_size)
+        results = list(results) if isinstance(results, tuple) else [results]
+        log_probs = results.pop(0).float()
+        entropy = results.pop(0).float() if "entropy" in outputs else None
+        log_sum_sq = torch.log(results.pop(0).detach()).float() if "log_sum_sq_probs" in outputs else None
+        mean_logits = results.pop(0).detach().float() if "mean_logits" in outputs else None
+        is_top1 = results.pop(0) if "is_top1" in outputs else None
+        return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+
+
+def _zero3():
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return is_deepspeed_zero3_enabled()
+
+
 # Where each drop-in replaces TRL's (its defining module).
-TARGETS = {"trl.trainer.utils": ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy")}
-OPTIONAL = ("selective_log_softmax_and_entropy",)  # not in TRL before 1.15
+TARGETS = {"trl.trainer.utils": ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy"),
+           "trl.kernels.chunked_logprob": ("ChunkedLogProbFunction",)}
+OPTIONAL = ("selective_log_softmax_and_entropy", "ChunkedLogProbFunction")  # not in TRL before 1.15
 
 
 def _trl_version():
@@ -90,27 +140,30 @@ def _grpo_trainer():
 
 def patch():
     """Installs these drop-ins into the installed TRL: every module holding one of them (TRL <= 1.14's
-    GRPOTrainer, the experimental trainers' `from ...trainer.utils import selective_log_softmax`).
-    Warns, naming the TRL version, when it replaces nothing, and when GRPOTrainer does not call
-    these functions (TRL 1.15+: its fused LM head, see the module docstring). Returns the undo
-    handle."""
+    GRPOTrainer, the experimental trainers' `from ...trainer.utils import selective_log_softmax`),
+    and, in TRL >= 1.15, our ChunkedLogProbFunction for TRL's fused LM head (what GRPOTrainer and
+    the other trainers call for their log-probs and entropy). Warns, naming the TRL version, when it
+    replaces nothing, and when GRPOTrainer calls none of what it replaced. Returns the undo handle."""
+    global _TRL_FUSED_HEAD
     from . import _patch
 
     grpo = _grpo_trainer()  # imported first, so that its references are among those replaced
     handle = _patch.patch("trl", TARGETS, sys.modules[__name__], optional=OPTIONAL)
+    _TRL_FUSED_HEAD = next((o for o in handle.originals if getattr(o, "__name__", "") == "ChunkedLogProbFunction"),
+                           _TRL_FUSED_HEAD)
     version = _trl_version()
     utils = sys.modules["trl.trainer.utils"]
-    if grpo is not None:  # GRPOTrainer is affected iff it held one of the originals
-        grpo_unaffected = not any(where.startswith("trl.trainer.grpo_trainer.") for where in handle.replaced)
-    else:  # not importable here; importing it later binds the replacements, unless it uses the fused head
-        grpo_unaffected = hasattr(utils, "add_fused_lm_head")
+    head_replaced = any(where.endswith("ChunkedLogProbFunction") for where in handle.replaced)
+    if grpo is not None:  # GRPOTrainer is affected iff it held one of the originals or uses the fused head
+        grpo_unaffected = not head_replaced and \
+            not any(where.startswith("trl.trainer.grpo_trainer.") for where in handle.replaced)
+    else:  # not importable here; importing it later binds the replacements
+        grpo_unaffected = hasattr(utils, "add_fused_lm_head") and not head_replaced
     if not handle.replaced:
         warnings.warn(f"rlhfkern.compat.trl.patch() replaced nothing in TRL {version}: no imported TRL module "
-                      "holds selective_log_softmax / entropy_from_logits (already patched?)", stacklevel=2)
+                      "holds selective_log_softmax / entropy_from_logits / ChunkedLogProbFunction (already patched?)",
+                      stacklevel=2)
     elif grpo_unaffected:
-        how = ("computes them through its fused LM head (trl.trainer.utils.add_fused_lm_head -> "
-               "trl.kernels.ChunkedLogProbFunction)" if hasattr(utils, "add_fused_lm_head") else "computes them otherwise")
-        warnings.warn(f"rlhfkern.compat.trl.patch(): TRL {version}'s GRPOTrainer does not call selective_log_softmax / "
-                      f"entropy_from_logits for its log-probs and entropy, it {how}, which this patch does not "
-                      f"replace: GRPOTrainer keeps TRL's kernels. Replaced: {', '.join(handle.replaced)}", stacklevel=2)
+        warnings.warn(f"rlhfkern.compat.trl.patch(): TRL {version}'s GRPOTrainer calls none of the functions "
+                      f"replaced, so it keeps TRL's kernels. Replaced: {', '.join(handle.replaced)}", stacklevel=2)
     return handle

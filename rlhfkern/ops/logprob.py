@@ -245,14 +245,36 @@ def logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_b
 
 
 # ----------------------------------------------------------------------------- fused with the LM head
-def linear_logprobs_reference(hidden, weight, labels, temperature=1.0, return_entropy=False, return_sum_p2=False):
-    """The spec of linear_logprobs: materialised logits = hidden @ weight^T, then `logprobs`."""
+def head_transform(logits, bias=None, logit_scale=1.0, softcap=None):
+    """The LM head's output transform, before the temperature:
+        y = softcap * tanh(logit_scale * (logits + bias) / softcap)     (the tanh only with softcap)
+    Gemma 2/3's final_logit_softcapping, the logit scale of Cohere, Granite, Falcon-H1 and MiniCPM."""
+    y = logits if bias is None else logits + bias.to(logits.dtype)
+    if logit_scale != 1.0:
+        y = y * logit_scale
+    if softcap is not None:
+        y = softcap * torch.tanh(y / softcap)
+    return y
+
+
+def linear_logprobs_reference(hidden, weight, labels, temperature=1.0, return_entropy=False, return_sum_p2=False, *,
+                              bias=None, logit_scale=1.0, softcap=None, return_mean_logit=False, return_is_top1=False):
+    """The spec of linear_logprobs: materialised logits y = head_transform(hidden @ weight^T), then
+    `logprobs`; sum_p2 = sum_v p_v^2, mean_logit = mean_v y_v / T, is_top1 = (label == argmax_v y_v,
+    the first maximum) for a valid label."""
     acc = acc_dtype(hidden)
-    logits = hidden.to(acc) @ weight.to(acc).T
-    lp, ent = logprobs_reference(logits, labels, temperature, True)
+    y = head_transform(hidden.to(acc) @ weight.to(acc).T, None if bias is None else bias.to(acc), logit_scale, softcap)
+    lp, ent = logprobs_reference(y, labels, temperature, True)
+    z = y / temperature
     out = [lp] + ([ent] if return_entropy else [])
     if return_sum_p2:
-        out.append((torch.softmax(logits / temperature, -1) ** 2).sum(-1))
+        out.append((torch.softmax(z, -1) ** 2).sum(-1))
+    if return_mean_logit:
+        out.append(z.mean(-1))
+    if return_is_top1:
+        top = z.argmax(-1)
+        top = top if labels.dim() == top.dim() else top.unsqueeze(-1)
+        out.append((labels == top) & (labels >= 0) & (labels < weight.shape[0]))
     return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -269,125 +291,188 @@ def _merge(m, s, a, s2, lse_c, ez_c, s2_c):
     return m_new, s, a, s2
 
 
-TOKEN_TILE = 128  # rows of every logits block matmul (the last one zero-padded)
+TOKEN_TILE = 128  # rows of every logits matmul (the last one zero-padded)
 VOCAB_TILE = 8192  # columns of every logits block
+BLOCK_ELEMENTS = TOKEN_TILE * VOCAB_TILE  # a block is the most token tiles that fit: [k TOKEN_TILE, <= VOCAB_TILE]
 
 
-def _tile_logits(hidden, rows, w):
-    """hidden[rows] @ w^T computed as a full TOKEN_TILE-row matmul: the same matmul shape for
-    every tile makes a token's logits independent of the batch around it (bitwise)."""
-    h = hidden[rows]
-    if h.shape[0] < TOKEN_TILE:
-        h = torch.cat([h, h.new_zeros(TOKEN_TILE - h.shape[0], h.shape[1])])
-    return (h @ w.T)[: rows.stop - rows.start]
+def _block_rows(shard):
+    """Rows of a logits block: as many token tiles as fit BLOCK_ELEMENTS at this vocabulary width
+    (1 tile at V >= 8192, 204 at V = 40: few kernel calls for small vocabularies). A function of
+    the vocabulary only, never of the batch."""
+    return TOKEN_TILE * max(1, BLOCK_ELEMENTS // (TOKEN_TILE * min(shard, VOCAB_TILE)))
+
+
+def _block_logits(hidden, rows, w):
+    """hidden[rows] @ w^T, one full TOKEN_TILE-row matmul per tile (the last zero-padded): the same
+    matmul shape for every tile makes a token's logits independent of the batch around it."""
+    n = rows.stop - rows.start
+    tiles = -(-n // TOKEN_TILE)
+    out = torch.empty(tiles * TOKEN_TILE, w.shape[0], dtype=hidden.dtype, device=hidden.device)
+    for t in range(tiles):
+        h = hidden[rows.start + t * TOKEN_TILE: min(rows.start + (t + 1) * TOKEN_TILE, rows.stop)]
+        if h.shape[0] < TOKEN_TILE:
+            h = torch.cat([h, h.new_zeros(TOKEN_TILE - h.shape[0], h.shape[1])])
+        torch.mm(h, w.T, out=out[t * TOKEN_TILE:(t + 1) * TOKEN_TILE])
+    return out[:n]
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """Log-probs of hidden @ weight^T without the [N, V] logits: the logits exist one
-    [token chunk, vocabulary chunk] block at a time, reduced by the log-prob kernels into per-row
+    """Log-probs of y = head_transform(hidden @ weight^T) without the [N, V] logits: the logits exist
+    one [token tiles, vocabulary tile] block at a time, reduced by the log-prob kernels into per-row
     (lse, E[z]) merged across blocks (and ranks: one all-reduce MAX, one all-reduce SUM); the
-    backward recomputes each block and feeds its d logits to two matmuls."""
+    backward recomputes each block and feeds its d logits to two matmuls per token tile.
+    `want` = (sum_p2, mean_logit, is_top1): the optional outputs computed (empty tensors otherwise)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, want_p2, backend, group):
+    def forward(ctx, hidden, weight, bias, labels, temperature, logit_scale, softcap, want, backend, group):
+        want_p2, want_mean, want_top1 = want
         fwd = _kernels(backend)[0]
         N, shard = hidden.shape[0], weight.shape[0]
         acc = acc_dtype(hidden)
+        transformed = bias is not None or logit_scale != 1.0 or softcap is not None
         offset = 0 if group is None else torch.distributed.get_rank(group) * shard
         world = 1 if group is None else torch.distributed.get_world_size(group)
         m = torch.full((N,), float("-inf"), dtype=acc, device=hidden.device)
         s, a = torch.zeros_like(m), torch.zeros_like(m)
         s2 = torch.zeros_like(m) if want_p2 else None
+        y_sum = torch.zeros_like(m) if want_mean else None
+        y_max = torch.full_like(m, float("-inf")) if want_top1 else None  # the row's largest y
+        before = torch.full(labels.shape, float("-inf"), dtype=acc, device=hidden.device) if want_top1 else None
         picked = torch.zeros(labels.shape, dtype=acc, device=hidden.device)
-        for n0 in range(0, N, TOKEN_TILE):
-            rows = slice(n0, min(n0 + TOKEN_TILE, N))
+        step = _block_rows(shard)
+        for n0 in range(0, N, step):
+            rows = slice(n0, min(n0 + step, N))
             for v0 in range(0, shard, VOCAB_TILE):
                 w = weight[v0:v0 + VOCAB_TILE]
-                logits = _tile_logits(hidden, rows, w)
+                y = _block_logits(hidden, rows, w)
+                if transformed:
+                    y = head_transform(y.to(acc), None if bias is None else bias[v0:v0 + VOCAB_TILE], logit_scale,
+                                       softcap)
                 local = labels[rows] - offset - v0
                 owned = (local >= 0) & (local < w.shape[0])
                 local = torch.where(owned, local, IGNORE_INDEX)
-                _, _, st = fwd(logits, local, temperature, False)
-                picked[rows] += torch.where(owned, torch.gather(logits, 1, torch.where(owned, local, 0)).to(acc)
+                _, _, st = fwd(y, local, temperature, False)
+                picked[rows] += torch.where(owned, torch.gather(y, 1, torch.where(owned, local, 0)).to(acc)
                                             / temperature, 0.0)
                 s2_c = None
                 if want_p2:
-                    s2_c = (torch.exp(logits.to(acc) / temperature - st[:, :1]) ** 2).sum(-1)
+                    s2_c = (torch.exp(y.to(acc) / temperature - st[:, :1]) ** 2).sum(-1)
                 m[rows], s[rows], a[rows], s2_rows = _merge(m[rows], s[rows], a[rows],
                                                             s2[rows] if want_p2 else None, st[:, 0], st[:, 1], s2_c)
                 if want_p2:
                     s2[rows] = s2_rows
+                if want_mean:
+                    y_sum[rows] += y.sum(-1, dtype=acc)
+                if want_top1:  # the first maximum: a label ties only with the y's before it
+                    y_max[rows] = torch.maximum(y_max[rows], y.amax(-1).to(acc))
+                    earlier = torch.arange(w.shape[0], device=y.device) < labels[rows, :, None] - offset - v0
+                    before[rows] = torch.maximum(before[rows], y[:, None, :].masked_fill(~earlier, float("-inf"))
+                                                 .amax(-1).to(acc))
         if group is not None:
             import torch.distributed as dist
 
-            top = m.clone()
+            top = m.clone() if not want_top1 else torch.cat([m[:, None], y_max[:, None], before], 1)
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            if want_top1:
+                top, y_max, before = top[:, 0].contiguous(), top[:, 1], top[:, 2:]
             r = torch.where(m == float("-inf"), 0.0, torch.exp(m - top))
-            parts = [s * r, a * r] + ([s2 * r * r] if want_p2 else [])
+            parts = [s * r, a * r] + ([s2 * r * r] if want_p2 else []) + ([y_sum] if want_mean else [])
             packed = torch.cat([torch.stack(parts, 1), picked], 1)
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
             m, s, a = top, packed[:, 0], packed[:, 1]
             s2 = packed[:, 2] if want_p2 else None
+            y_sum = packed[:, len(parts) - 1] if want_mean else None
             picked = packed[:, len(parts):]
         lse = m + torch.log(s)
         ez = a / s
-        sum_p2 = s2 / (s * s) if want_p2 else torch.zeros(0, dtype=acc, device=hidden.device)
-        valid = (labels >= 0) & (labels < shard * world)
+        empty = torch.zeros(0, dtype=acc, device=hidden.device)
+        sum_p2 = s2 / (s * s) if want_p2 else empty
+        vocab = shard * world
+        mean_logit = y_sum / (vocab * temperature) if want_mean else empty
+        valid = (labels >= 0) & (labels < vocab)
+        is_top1 = (valid & (picked >= (y_max / temperature)[:, None]) & (picked > before / temperature)
+                   if want_top1 else torch.zeros(0, dtype=torch.bool, device=hidden.device))
         nan = torch.full_like(picked, float("nan"))
         lp = torch.where(labels == IGNORE_INDEX, 0.0, torch.where(valid, picked - lse[:, None], nan))
-        ctx.save_for_backward(hidden, weight, labels, lse, ez, sum_p2, valid)
-        ctx.args = (temperature, want_p2, backend, group, offset)
-        return lp, lse - ez, sum_p2
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ez, sum_p2, valid)
+        ctx.args = (temperature, logit_scale, softcap, want, backend, group, offset, vocab)
+        ctx.mark_non_differentiable(is_top1)
+        return lp, lse - ez, sum_p2, mean_logit, is_top1
 
     @staticmethod
-    def backward(ctx, grad_lp, grad_ent, grad_p2):
-        hidden, weight, labels, lse, ez, sum_p2, valid = ctx.saved_tensors
-        temperature, want_p2, backend, group, offset = ctx.args
+    def backward(ctx, grad_lp, grad_ent, grad_p2, grad_mean, _grad_top1):
+        hidden, weight, bias, labels, lse, ez, sum_p2, valid = ctx.saved_tensors
+        temperature, logit_scale, softcap, (want_p2, want_mean, _), backend, group, offset, vocab = ctx.args
         bwd = _kernels(backend)[1]
         acc = lse.dtype
+        transformed = bias is not None or logit_scale != 1.0 or softcap is not None
         N, shard = hidden.shape[0], weight.shape[0]
         grad_lp = torch.zeros(labels.shape, dtype=acc, device=hidden.device) if grad_lp is None else grad_lp.to(acc)
         g_sum = (grad_lp * valid).sum(1)  # the whole row's
         stats = torch.stack([lse, ez], 1)
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
         grad_weight = torch.empty_like(weight)
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None else None
+        step = _block_rows(shard)
         for v0 in range(0, shard, VOCAB_TILE):
             w = weight[v0:v0 + VOCAB_TILE]
             grad_w = torch.zeros(w.shape, dtype=acc, device=w.device)
-            for n0 in range(0, N, TOKEN_TILE):
-                rows = slice(n0, min(n0 + TOKEN_TILE, N))
-                logits = _tile_logits(hidden, rows, w)
+            for n0 in range(0, N, step):
+                rows = slice(n0, min(n0 + step, N))
+                y = _block_logits(hidden, rows, w)
+                if transformed:
+                    y = head_transform(y.to(acc), None if bias is None else bias[v0:v0 + VOCAB_TILE], logit_scale,
+                                       softcap)
                 local = labels[rows] - offset - v0
                 local = torch.where((local >= 0) & (local < w.shape[0]), local, IGNORE_INDEX)
                 d = bwd(grad_lp[rows].contiguous(), None if grad_ent is None else grad_ent[rows].to(acc).contiguous(),
-                        logits, local, stats[rows].contiguous(), temperature, g_sum[rows].contiguous())
+                        y, local, stats[rows].contiguous(), temperature, g_sum[rows].contiguous())
                 if want_p2 and grad_p2 is not None:  # d sum p^2 / dz = 2 p (p - sum p^2)
-                    p = torch.exp(logits.to(acc) / temperature - lse[rows, None])
+                    p = torch.exp(y.to(acc) / temperature - lse[rows, None])
                     d = d + (grad_p2[rows, None].to(acc) * 2 * p * (p - sum_p2[rows, None]) / temperature).to(d.dtype)
-                if d.dtype == acc:  # accumulate in place: no block-sized temporaries
-                    grad_hidden[rows].addmm_(d, w)
-                    grad_w.addmm_(d.T, hidden[rows])
-                else:
-                    grad_hidden[rows] += (d @ w).to(acc)
-                    grad_w += (d.T @ hidden[rows]).to(acc)
+                if want_mean and grad_mean is not None:  # d mean / dy_v = 1 / (V T)
+                    d = d + (grad_mean[rows, None].to(acc) / (vocab * temperature)).to(d.dtype)
+                if transformed:  # back through y = c tanh(s (l + b) / c): dy/dl = s (1 - (y / c)^2)
+                    if softcap is not None:
+                        d = d * (1 - (y / softcap) ** 2)
+                    if logit_scale != 1.0:
+                        d = d * logit_scale
+                    if grad_bias is not None:
+                        grad_bias[v0:v0 + VOCAB_TILE] += d.sum(0, dtype=acc)
+                    d = d.to(hidden.dtype)
+                for t0 in range(0, rows.stop - rows.start, TOKEN_TILE):
+                    tile = slice(rows.start + t0, min(rows.start + t0 + TOKEN_TILE, rows.stop))
+                    d_t = d[t0:t0 + TOKEN_TILE]
+                    if d_t.dtype == acc:  # accumulate in place: no block-sized temporaries
+                        grad_hidden[tile].addmm_(d_t, w)
+                        grad_w.addmm_(d_t.T, hidden[tile])
+                    else:
+                        grad_hidden[tile] += (d_t @ w).to(acc)
+                        grad_w += (d_t.T @ hidden[tile]).to(acc)
             grad_weight[v0:v0 + VOCAB_TILE] = grad_w.to(weight.dtype)
         if group is not None:
             torch.distributed.all_reduce(grad_hidden, op=torch.distributed.ReduceOp.SUM, group=group)
-        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def linear_logprobs(hidden, weight, labels, *, temperature=1.0, return_entropy=False, return_sum_p2=False,
+def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                    return_entropy=False, return_sum_p2=False, return_mean_logit=False, return_is_top1=False,
                     chunk_size=None, tp_group=None, backend=None):
-    """Log-probs of labels under softmax(hidden @ weight^T / temperature), never materialising the
-    [N, V] logits, and optionally the entropy and sum_v p_v^2 per token. hidden [..., H], weight
-    [V, H] (this rank's contiguous vocabulary shard with `tp_group`; grad hidden is then
-    all-reduced), labels [...] or [..., K]. Differentiable w.r.t. hidden and weight.
-    Returns lp, or (lp, [entropy], [sum_p2]).
+    """Log-probs of labels under softmax(y / temperature), y = head_transform(hidden @ weight^T)
+    (+ bias, * logit_scale, softcap * tanh(. / softcap): see head_transform), never materialising the
+    [N, V] logits. hidden [..., H], weight [V, H] and bias [V] (this rank's contiguous vocabulary
+    shard with `tp_group`; grad hidden is then all-reduced), labels [...] or [..., K].
+    Differentiable w.r.t. hidden, weight and bias. Optional per-token outputs, in this order:
+    the entropy, sum_v p_v^2, the mean of y / T over the vocabulary, and is_top1 (bool, per label:
+    the label is the first argmax of y; no gradient). Returns lp, or (lp, *the ones asked for).
 
-    The logits exist one block of TOKEN_TILE (128) tokens x VOCAB_TILE (8192) entries at a time;
-    these tiles are fixed so that a token's results are bitwise the same whatever the batch, its
-    position in it and `chunk_size` (accepted for verl/Liger-style call sites; it changes
-    nothing, the tiles bound the memory).
+    The logits exist one block of token tiles (TOKEN_TILE = 128 rows each, as many as fit 128 x
+    8192 entries: 1 at V >= 8192) x VOCAB_TILE (8192) entries at a time; every logits matmul has
+    the one shape [128, H] x [H, <= 8192], so a token's results are bitwise the same whatever the
+    batch, its position in it and `chunk_size` (accepted for verl/Liger/TRL-style call sites; it
+    changes nothing, the tiles bound the memory).
     """
     if not torch.is_tensor(hidden) or not hidden.is_floating_point() or hidden.dim() < 1:
         raise ValueError(f"hidden must be a floating tensor [..., H], got {getattr(hidden, 'dtype', type(hidden))}")
@@ -396,21 +481,35 @@ def linear_logprobs(hidden, weight, labels, *, temperature=1.0, return_entropy=F
                          f"got {tuple(getattr(weight, 'shape', ()))}")
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, {hidden.device})")
+    if bias is not None and (not torch.is_tensor(bias) or bias.shape != weight.shape[:1] or bias.dtype != weight.dtype
+                             or bias.device != weight.device):
+        raise ValueError(f"bias must be [{weight.shape[0]}] (weight's rows), {weight.dtype}, on {weight.device}; got "
+                         f"{tuple(getattr(bias, 'shape', ()))}, {getattr(bias, 'dtype', type(bias))}, "
+                         f"{getattr(bias, 'device', '')}")
+    if not isinstance(logit_scale, numbers.Real) or not abs(logit_scale) < float("inf"):
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    if softcap is not None and (not isinstance(softcap, numbers.Real) or not 0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     world = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
     _check_labels(labels, hidden.shape[:-1], weight.shape[0] * world, hidden.device, "hidden")
     _check_temperature(temperature)
+    head = dict(bias=bias, logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap))
     which = _dispatch.resolve(backend, hidden.device, OP_BACKENDS)
     if which == "torch" and tp_group is None:
-        return linear_logprobs_reference(hidden, weight, labels, temperature, return_entropy, return_sum_p2)
+        return linear_logprobs_reference(hidden, weight, labels, temperature, return_entropy, return_sum_p2, **head,
+                                         return_mean_logit=return_mean_logit, return_is_top1=return_is_top1)
     if which == "torch":
         which = "cpu" if hidden.device.type == "cpu" else "triton"  # the shard reduction needs a kernel
     h = hidden.reshape(-1, hidden.shape[-1])
     lab = labels.reshape(h.shape[0], -1).to(torch.int64).contiguous()
-    lp, ent, p2 = _LinearLogprobs.apply(h, weight, lab, float(temperature), bool(return_sum_p2), which, tp_group)
-    lp = lp.reshape(labels.shape)
-    out = [lp] + ([ent.reshape(hidden.shape[:-1])] if return_entropy else [])
-    if return_sum_p2:
-        out.append(p2.reshape(hidden.shape[:-1]))
+    want = (bool(return_sum_p2), bool(return_mean_logit), bool(return_is_top1))
+    lp, ent, p2, mean, top1 = _LinearLogprobs.apply(h, weight, bias, lab, float(temperature), head["logit_scale"],
+                                                    head["softcap"], want, which, tp_group)
+    lead = hidden.shape[:-1]
+    out = [lp.reshape(labels.shape)] + ([ent.reshape(lead)] if return_entropy else [])
+    out += [x.reshape(lead) for x, asked in ((p2, return_sum_p2), (mean, return_mean_logit)) if asked]
+    if return_is_top1:
+        out.append(top1.reshape(labels.shape))
     return out[0] if len(out) == 1 else tuple(out)
