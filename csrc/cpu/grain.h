@@ -19,10 +19,19 @@ namespace rlhfkern {
 
 constexpr int64_t kGrainWork = 32768;  // elements of work per task, as at::internal::GRAIN_SIZE
 
-// items per task when each item costs `work_per_item` elements (>= 1 item)
-inline int64_t grain_for(int64_t work_per_item) {
+// The row reductions over the vocabulary (log-probs, entropy: logprob.cpp) take 8x that: a
+// [4096, 40] call (160k logits, about 0.1 ms on one core) then runs on the calling thread, where
+// with 32768 it entered a parallel region of 5 tasks each way, which on a loaded machine could
+// cost milliseconds (a worker descheduled at the closing barrier). Large vocabularies are
+// unaffected: a row of V >= 262144 logits is a task of its own either way, and [N, 152k] is split
+// 2 rows a task.
+constexpr int64_t kRowGrainWork = 8 * kGrainWork;
+
+// items per task when each item costs `work_per_item` elements (>= 1 item), for `grain_work`
+// elements of work a task
+inline int64_t grain_for(int64_t work_per_item, int64_t grain_work = kGrainWork) {
   const int64_t w = std::max<int64_t>(work_per_item, 1);
-  return std::max<int64_t>(1, (kGrainWork + w - 1) / w);
+  return std::max<int64_t>(1, (grain_work + w - 1) / w);
 }
 
 }  // namespace rlhfkern

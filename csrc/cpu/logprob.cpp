@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
       const T* x = logits.data_ptr<T>();
       A *plp = lp.data_ptr<A>(), *pst = stats.data_ptr<A>(), *pent = entropy ? ent.data_ptr<A>() : nullptr;
       const int64_t sx = logits.stride(0);
-      at::parallel_for(0, N, grain_for(V + K), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, N, grain_for(V + K, kRowGrainWork), [&](int64_t r0, int64_t r1) {
         fwd_rows<T, A>(x, sx, V, A(temperature), lab, K, plp, pent, pst, r0, r1);
       });
     });
@@ -118,7 +118,7 @@ void logprobs_bwd_into(const at::Tensor& grad_lp, const c10::optional<at::Tensor
       T* o = out.data_ptr<T>();
       const A *pg = g.data_ptr<A>(), *ps = st.data_ptr<A>(), *pe = has_ent ? ge.data_ptr<A>() : nullptr;
       const int64_t sx = logits.stride(0), so = out.stride(0);
-      at::parallel_for(0, N, grain_for(V + K), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, N, grain_for(V + K, kRowGrainWork), [&](int64_t r0, int64_t r1) {
         bwd_rows<T, A>(x, sx, o, so, V, A(temperature), lab, K, pg, pe, ps, has_gs ? gs.data_ptr<A>() : nullptr, r0, r1);
       });
     });
