@@ -7,9 +7,10 @@ worth of competition, started by a fixture and stopped after the loaded rows), "
 without them (the machine's other load is whatever else runs on it: read the load average in the
 header of the results). Rows x threads: torch's default thread count and one thread.
 
-A second group times `rlhfkern.linear_logprobs` (hidden @ weight^T reduced one 128-row tile at a
-time: 32 kernel calls a direction for 4096 rows) at V=40 against the materialised eager version:
-the many-small-calls pattern where a parallel region per call collapses under load.
+A second group times `rlhfkern.linear_logprobs` (hidden @ weight^T in 128-row matmuls, reduced
+one block of them at a time: at V=40 one block holds 204 tiles, so one kernel call a direction for
+4096 rows) at V=40 against the materialised eager version and against TRL 1.16's fused LM head
+(`trl.kernels.ChunkedLogProbFunction`, its CPU torch path: what GRPOTrainer runs there).
 
     python -m pytest bench/bench_cpu_grain.py --bench-md bench/results/cpu-grain.md
 """
@@ -98,9 +99,16 @@ def fused(hidden, weight, labels):
     return rlhfkern.linear_logprobs(hidden, weight, labels, return_entropy=True, backend="cpu")
 
 
+def trl_fused_head(hidden, weight, labels):
+    from trl.kernels import ChunkedLogProbFunction
+
+    return ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, 32768, None, 1.0, ("entropy",))[:2]
+
+
 @pytest.mark.parametrize("impl", [("eager", "eager torch (hidden @ weight.T, log_softmax + gather, entropy)",
                                    materialised, "baseline"),
-                                  ("cpu", "rlhfkern.linear_logprobs cpu (128-row tiles)", fused, "op")],
+                                  ("trl", "TRL 1.16 ChunkedLogProbFunction (CPU torch path)", trl_fused_head, "peer"),
+                                  ("cpu", "rlhfkern.linear_logprobs cpu", fused, "op")],
                          ids=lambda i: i[0])
 def bench_linear_logprobs_small_vocab(benchmark, load, threads, impl):
     name, text, fn, role = impl
