@@ -69,6 +69,12 @@ def _split(x, parts):
     return [x[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+def leaders(model_cfg):
+    """The rank of each tp replica's leader (its first rank) of a model: the rank that generates
+    and that pulls the replica's synced weights."""
+    return range(0, model_cfg.world, model_cfg.tp)
+
+
 def _cat(parts):
     return torch.cat(parts) if torch.is_tensor(parts[0]) else [x for p in parts for x in p]
 
@@ -232,7 +238,7 @@ class Engine:
         ray.get([self.workers[i].set_sync_plan.remote(plan_ref) for i in sorted(sync_workers)])
         # the trainer ranks feeding each replica leader (its rank and, for vLLM, the replica's tp ranks)
         self.sync_sources = {i: sorted({t.src_rank for t in plan.transfers for r, _, _ in t.dsts if r // rc.tp == i // rc.tp})
-                             for i in range(0, rc.world, rc.tp)}
+                             for i in leaders(rc)}
         if self.cfg.placement.measure_memory:
             ray.get([w.measure.remote(True) for w in self.workers])
         self._sync(self.step)
@@ -247,7 +253,7 @@ class Engine:
             if mc.backend != "vllm" or pl.gpus is None:
                 continue
             slots = pl.slots[n]
-            for r in range(0, mc.world, mc.tp):
+            for r in leaders(mc):
                 ids = [pl.gpus[s.pool][s.bundle] for s in slots[r:r + mc.tp]]
                 out.setdefault(slots[r].worker, {})[n] = ids
         return out
@@ -332,7 +338,7 @@ class Engine:
     def _generate(self, prompts, seed, greedy=False):
         """Futures of (responses, mask, log-probs) per rollout rank; seeds differ per rank, not per
         topology."""
-        ranks = self._ranks("rollout")[::self.cfg.model("rollout").tp]  # a replica's leader generates
+        ranks = [self._ranks("rollout")[i] for i in leaders(self.cfg.model("rollout"))]
         futures = [r.call("generate", shard, seed * 1000003 + i, greedy)
                    for i, (r, shard) in enumerate(zip(ranks, _split(prompts, len(ranks))))]
         return futures, self.rollout_version
