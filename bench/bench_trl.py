@@ -16,13 +16,18 @@ runs through the log-probs from the first step).
 
 How it is measured: each variant runs in a process of its own (bench/trl_baseline.py's gated
 protocol), held before its first step; a round runs one RL step of each, back to back, stock
-first in even rounds and patched first in odd ones. 1 warm-up round, then RLHFKERN_BENCH_ROUNDS
-(default 6) timed rounds; seconds per step = median over the timed rounds (wall time of the
-exchange with the child). Peak memory: the child's peak resident memory (Linux VmHWM, reset
-through /proc/self/clear_refs once the trainer, both models and the optimizer are built) minus
-its resident memory then, over the warm-up and timed steps (AdamW's state, allocated in the first
-step, counts alike in both; torch has no allocator statistics on the CPU to use instead). Metrics: every numeric entry
-of the trainer's log history (loss, entropy, kl, reward, reward_std, grad_norm, clip ratios,
+first in even rounds and patched first in odd ones. 1 warm-up round, then 20 timed rounds at
+vocabulary 40 and 6 at 32000 (RLHFKERN_BENCH_ROUNDS=n: n for both); seconds per step = median
+over the timed rounds (wall time of the exchange with the child). RLHFKERN_BENCH_THREADS sets the
+torch threads per process (default: the config's, 2); RLHFKERN_BENCH_LOAD=n loads the machine
+with n processes spinning Python loops for the whole run (as bench_cpu_grain.py's loaded rows);
+the environment (e.g. OMP_WAIT_POLICY) passes to both children and is named in the results.
+
+Peak memory: the child's peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs
+once the trainer, both models and the optimizer are built) minus its resident memory then, over
+the warm-up and timed steps (AdamW's state, allocated in the first step, counts alike in both;
+torch has no CPU allocator statistics outside its profiler). Metrics: every numeric entry of
+the trainer's log history (loss, entropy, kl, reward, reward_std, grad_norm, clip ratios,
 lengths; timings excluded), step by step, the largest |patched - stock|.
 
 Whether the patch reached the log-probs: the child counts the calls of TRL's own kernel
@@ -53,7 +58,10 @@ import trl_baseline  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "rlhfkern", "sched", "configs", "grpo_reverse.yaml")
 VOCABS = [40, 32000]
-WARMUP, ROUNDS = 1, int(os.environ.get("RLHFKERN_BENCH_ROUNDS", "6"))
+WARMUP = 1
+ROUNDS = {40: 20, 32000: 6}  # timed rounds per vocabulary (RLHFKERN_BENCH_ROUNDS: the same for both)
+THREADS = os.environ.get("RLHFKERN_BENCH_THREADS")  # torch threads per process; default: the config's (2)
+LOAD = int(os.environ.get("RLHFKERN_BENCH_LOAD", "0"))  # busy processes beside the run
 VARIANTS = ("stock", "patched")
 TIMING_KEYS = ("time", "runtime", "per_second", "flos")  # logged keys that are not the run's metrics
 
@@ -209,6 +217,18 @@ def head_text(end):
 
 
 @pytest.fixture(scope="module")
+def load():
+    """RLHFKERN_BENCH_LOAD processes spinning Python loops while the module runs."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(LOAD)]
+    yield LOAD
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
 def task():
     from rlhfkern.sched import tasks
     from rlhfkern.sched.config import load_config
@@ -219,7 +239,7 @@ def task():
 
 
 @pytest.mark.parametrize("vocab", VOCABS, ids=lambda v: f"V{v}")
-def bench_grpo_step(benchmark, tmp_path, task, vocab):
+def bench_grpo_step(benchmark, tmp_path, task, load, vocab):
     pytest.importorskip("trl")
     pytest.importorskip("psutil")
     from rlhfkern.sched.actors import build_model
@@ -232,7 +252,8 @@ def bench_grpo_step(benchmark, tmp_path, task, vocab):
     digest = trl_baseline.weight_digest(policy.named_parameters())
     del policy
     a, r, t = cfg.algorithm, cfg.rollout, cfg.train
-    steps = WARMUP + ROUNDS
+    rounds_timed = int(os.environ.get("RLHFKERN_BENCH_ROUNDS", ROUNDS.get(vocab, 6)))
+    steps = WARMUP + rounds_timed
     spec = {"model_dir": str(tmp_path / "policy"), "vocab": vocab, "reward": "even_reward",
             "prompts": digit_task.train_prompts(t.prompts_per_step * steps, random.Random(1)),
             "prompts_per_step": t.prompts_per_step, "samples": r.samples_per_prompt,
@@ -240,7 +261,7 @@ def bench_grpo_step(benchmark, tmp_path, task, vocab):
             "lr": cfg.models.policy.optimizer.lr, "grad_clip": cfg.models.policy.optimizer.grad_clip_norm,
             "kl_coef": a.kl_coef, "clip_low": a.clip_low, "clip_high": a.clip_high,
             "minibatch": t.minibatch_sequences, "ppo_epochs": t.ppo_epochs, "steps": steps, "steps_per_round": 1,
-            "seed": t.seed, "threads": cfg.placement.threads_per_actor, "logging_steps": 1}
+            "seed": t.seed, "threads": int(THREADS or cfg.placement.threads_per_actor), "logging_steps": 1}
     children = {v: trl_baseline.Child(f"{v} V{vocab}", {**spec, "variant": v, "work_dir": str(tmp_path / v)},
                                       sys.executable, "bench_trl.py", tmp_path) for v in VARIANTS}
     ends = {}
@@ -256,25 +277,26 @@ def bench_grpo_step(benchmark, tmp_path, task, vocab):
                 children[v].step()
 
         load_before = os.getloadavg()
-        benchmark.group = f"TRL GRPO step, tiny Llama (hidden 64, 2 layers), vocab {vocab}, CPU"
-        benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+        benchmark.group = (f"TRL GRPO step, tiny Llama (hidden 64, 2 layers), vocab {vocab}, CPU"
+                           + (f", loaded by {load} busy processes" if load else ""))
+        benchmark.pedantic(one_round, rounds=rounds_timed, warmup_rounds=WARMUP, iterations=1)
         load_after = os.getloadavg()
     finally:
         finished = all(len(c.steps) == steps for c in children.values())
         for v, c in children.items():
             ends[v] = c.close(finished)
     sequences = t.prompts_per_step * r.samples_per_prompt
-    seconds = {v: statistics.median(c.seconds[-ROUNDS:]) for v, c in children.items()}
+    seconds = {v: statistics.median(c.seconds[-rounds_timed:]) for v, c in children.items()}
     diffs = metric_differences(ends["stock"]["log_history"], ends["patched"]["log_history"])
     rewards = {v: [st["reward"] for st in c.steps] for v, c in children.items()}
     same = [x == y for x, y in zip(rewards["stock"], rewards["patched"])]
     rows = []
     for v, c in children.items():
         e = ends[v]
-        q = statistics.quantiles(c.seconds[-ROUNDS:], n=4) if ROUNDS > 1 else [seconds[v]] * 3
+        q = statistics.quantiles(c.seconds[-rounds_timed:], n=4) if rounds_timed > 1 else [seconds[v]] * 3
         notes = {"seconds per step": f"median {seconds[v]:.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, "
-                                     f"min {min(c.seconds[-ROUNDS:]):.3f}",
-                 "CPU seconds per step": f"{(c.cpu[-1] - c.cpu[-ROUNDS - 1]) / ROUNDS:.3f}",
+                                     f"min {min(c.seconds[-rounds_timed:]):.3f}",
+                 "CPU seconds per step": f"{(c.cpu[-1] - c.cpu[-rounds_timed - 1]) / rounds_timed:.3f}",
                  "resident memory before the steps": f"{e['rss_base_mib']:.0f} MiB"}
         if e["patch_warnings"]:
             notes["patch() warned"] = " / ".join(w[:200] + ("..." if len(w) > 200 else "") for w in e["patch_warnings"])
@@ -292,7 +314,7 @@ def bench_grpo_step(benchmark, tmp_path, task, vocab):
         rows.append(row)
     reached = ends["patched"]["trl_kernel_calls"] == 0 and ends["stock"]["trl_kernel_calls"] > 0
     group_notes = {
-        "timing": f"{WARMUP} warm-up + {ROUNDS} timed rounds; a round = one RL step of each variant (2 optimizer "
+        "timing": f"{WARMUP} warm-up + {rounds_timed} timed rounds; a round = one RL step of each variant (2 optimizer "
                   f"steps of {t.minibatch_sequences} sequences, {sequences} sequences generated), back to back, the "
                   "order alternating; time per call = median over rounds of a variant's step",
         "peak memory": "peak resident memory (VmHWM) of the variant's process over its steps minus its resident "
@@ -306,7 +328,8 @@ def bench_grpo_step(benchmark, tmp_path, task, vocab):
         "machine load average (1, 5, 15 min), before -> after": " -> ".join(
             ", ".join(f"{x:.1f}" for x in la) for la in (load_before, load_after)),
         "versions": f"trl {children['stock'].info['trl']}, transformers {children['stock'].info['transformers']}, "
-                    f"torch {children['stock'].info['torch']}, {children['stock'].info['threads']} threads",
+                    f"torch {children['stock'].info['torch']}, {children['stock'].info['threads']} threads, "
+                    f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}",
     }
     benchmark.extra_info.update(label="one round: a step of each variant", rows=rows, group_notes=group_notes)
 
