@@ -132,10 +132,11 @@ gpu-check:
 
 # What the lent GPU image (Python 3.12, torch, triton, pytest, pytest-benchmark, no network) lacks,
 # as wheels for CPython 3.12 x86_64 in .gpu_bundle/ (ignored; carry it with the tree):
-# bench/gpu_check.sh installs them into a folder of its own on PYTHONPATH before building.
+# bench/gpu_check.sh installs them into a folder of its own on PYTHONPATH before building. verl's
+# wheel (not its stack): tests/test_gpu.py loads its log-prob and linear-cross-entropy files on CUDA.
 GPU_BUNDLE_PY ?= 3.12
 GPU_BUNDLE := pydantic pydantic-core annotated-types typing-inspection typing-extensions pyyaml \
-              pytest-xdist execnet pytest-timeout openrlhf==0.11.2 megatron-core==0.16.1
+              pytest-xdist execnet pytest-timeout openrlhf==0.11.2 megatron-core==0.16.1 verl==0.9.1
 GPU_BUNDLE_DIR ?= .gpu_bundle
 gpu-bundle: deps
 	rm -rf $(GPU_BUNDLE_DIR) && mkdir -p $(GPU_BUNDLE_DIR)

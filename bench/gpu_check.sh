@@ -63,10 +63,15 @@ NEEDS_VERL=(
   tests/test_advantages.py::test_reference_matches_verl
   tests/test_advantages.py::test_compat_verl_matches_verl
   tests/test_logprob.py::test_compat_verl_matches_verl
+  tests/test_gae.py::test_compat_verl_gae_multi_turn_matches_verl
+  tests/test_ppo_loss.py::test_compat_verl_agg_and_value_loss_every_mode_match_verl
+  tests/test_ppo_loss.py::test_compat_verl_kl_penalty_values_and_gradients_match_verl
+  tests/test_advantages.py::test_compat_verl_multi_turn_and_trajectories_match_verl
 )
 NEEDS_OPENRLHF=(
   tests/test_ppo_loss.py::test_compat_openrlhf_policy_loss_matches_openrlhf
   tests/test_ppo_loss.py::test_compat_openrlhf_value_loss_and_kl_match_openrlhf
+  tests/test_ppo_loss.py::test_compat_openrlhf_kl_and_icepop_edge_cases_match_openrlhf
   tests/test_logprob.py::test_compat_openrlhf_and_trl_match
 )
 NEEDS_TRL=(tests/test_logprob.py::test_compat_openrlhf_and_trl_match)
@@ -74,7 +79,7 @@ DESELECTED=()
 for pkg in verl openrlhf trl; do
   if ! $PY -c "import $pkg" >/dev/null 2>&1; then
     declare -n list="NEEDS_${pkg^^}"
-    for t in "${list[@]}"; do DESELECTED+=("$t ($pkg not installed)"); done
+    for t in "${list[@]}"; do DESELECTED+=("$t ($pkg not importable here)"); done
     unset -n list
   fi
 done

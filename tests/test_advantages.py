@@ -131,6 +131,45 @@ def test_compat_verl_matches_verl(monkeypatch, backend_device):
     close(ours[1], theirs[1], 1e-5, 1e-6)
 
 
+@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + compiled_backends(), ids=lambda p: f"{p[0]}-{p[1]}")
+def test_compat_verl_multi_turn_and_trajectories_match_verl(monkeypatch, backend_device):
+    """The inputs of verl's own multi-turn REINFORCE++ and multi-trajectory GRPO tests, which compare
+    two calls with each other (they pass whatever the values, tests/tier_peers/REACH.md), here against
+    verl 0.9.1's functions: REINFORCE++ with observation spans (mask 0 between assistant tokens) and
+    trailing padding; GRPO over one group with an integer mask, rewards of 100-200 and an all-masked
+    row, and its split into trajectories (the uids verl's multi-trajectory helper makes)."""
+    from types import SimpleNamespace
+
+    need("verl", extra="test")
+    from verl.trainer.ppo import core_algos
+
+    backend, device = backend_device
+    monkeypatch.setenv("RLHFKERN_BACKEND", backend)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+                         [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0]])
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.5, 0.0, -1.0, 0.0, 0.0, 0.0],
+                            [0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 2.0]])
+    for gamma in (1.0, 0.9):
+        cfg = SimpleNamespace(gamma=gamma)
+        theirs = core_algos.compute_reinforce_plus_plus_outcome_advantage(rewards, mask, config=cfg)
+        ours = compat_verl.compute_reinforce_plus_plus_outcome_advantage(rewards.to(device), mask.to(device), config=cfg)
+        for o, t in zip(ours, theirs):
+            close(o, t, 1e-5, 1e-6)
+    rewards = torch.tensor([[100, 0, 0, 0], [1, 2, 3, 4], [200, 200, 0, 0], [150, 0, 0, 150], [4, 5, 6, 7],
+                            [8, 9, 10, 11]], dtype=torch.float32)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0]])
+    for uids in (np.array(["prompt_a"] * 6, dtype=object),
+                 np.array(["prompt_a_0", "prompt_a_0", "prompt_a_2", "prompt_a_2", "prompt_a_3", "prompt_a_4"],
+                          dtype=object)):
+        for norm in (True, False):
+            theirs = core_algos.compute_grpo_outcome_advantage(rewards.clone(), mask, uids, norm_adv_by_std_in_grpo=norm)
+            ours = compat_verl.compute_grpo_outcome_advantage(rewards.to(device), mask.to(device), uids,
+                                                              norm_adv_by_std_in_grpo=norm)
+            for o, t in zip(ours, theirs):
+                assert o.dtype == t.dtype, (o.dtype, t.dtype)
+                close(o, t, 1e-5, 1e-5)
+
+
 @pytest.mark.parametrize("dtype", PEER_DTYPES, ids=str)
 def test_compat_verl_dtype_matches_verl(dtype):
     """The verl drop-ins return verl's dtype (the rewards' promoted with the mask's; reinforce++'s

@@ -311,3 +311,114 @@ SYNC_CASES = ([("gae-family", b, _gae_family) for b in GAE_BACKENDS]
 def test_no_host_sync(family, backend, fn):
     fn(backend, contextlib.nullcontext)  # warm-up: Triton compiles and loads its kernels
     fn(backend, no_host_sync)
+
+
+# ----------------------------------------------------------------------------- verl drop-ins on CUDA
+@contextlib.contextmanager
+def verl_kernels():
+    """verl 0.9.1's torch_functional (logprobs_from_logits, entropy_from_logits) and
+    kernel.linear_cross_entropy modules. `import verl` needs its whole stack (Ray, tensordict,
+    TransferQueue, ...), which the lent GPU image lacks; `make gpu-bundle` carries verl's own wheel,
+    and these two files are then loaded under bare `verl` / `verl.utils` packages (verl's package
+    __init__ not run), with empty stand-ins for tensordict and transformers where missing (imported by
+    torch_functional.py for functions not used here). Removed from sys.modules on exit (verl's
+    kernels import their siblings at call time: the calls stay inside)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    try:
+        import verl.utils.torch_functional as verl_F
+        from verl.utils.kernel import linear_cross_entropy as verl_lce
+        yield verl_F, verl_lce
+        return
+    except ImportError:
+        for name in [n for n in sys.modules if n == "verl" or n.startswith("verl.")]:
+            del sys.modules[name]
+    spec = importlib.util.find_spec("verl")
+    if spec is None or spec.origin is None:
+        pytest.skip("verl is not installed (make gpu-bundle carries its wheel to the GPU machine)")
+    root = os.path.dirname(spec.origin)
+    added = []
+    for name, path in (("verl", root), ("verl.utils", os.path.join(root, "utils"))):
+        package = types.ModuleType(name)
+        package.__path__ = [path]
+        sys.modules[name] = package
+    for name in ("tensordict", "transformers"):
+        if importlib.util.find_spec(name) is None:
+            stand_in = types.ModuleType(name)
+            stand_in.TensorDict = stand_in.PreTrainedTokenizer = type("StandIn", (), {})
+            sys.modules[name] = stand_in
+            added.append(name)
+    try:
+        yield (importlib.import_module("verl.utils.torch_functional"),
+               importlib.import_module("verl.utils.kernel.linear_cross_entropy"))
+    finally:  # verl's modules and the stand-ins only (what they imported, torch and triton, stays)
+        for name in [n for n in sys.modules if n == "verl" or n.startswith("verl.")] + added:
+            del sys.modules[name]
+
+
+def _verl_parity(device, linear_ce=True):
+    """compat.verl's logprobs_from_logits / entropy_from_logits / linear_cross_entropy against verl's
+    own on `device` (the rlhfkern kernels on one side, verl's code on the other: flash-attn's
+    cross-entropy when installed, else torch, and verl's Triton linear-cross-entropy kernel), fp32 and
+    bf16: values and gradients; each no farther from a float64 reference than verl's (plus the
+    tolerance: on CUDA verl's fp32 matmuls may run in TF32)."""
+    from rlhfkern.compat import verl as compat_verl
+
+    def both(fn_ours, fn_theirs, fn_exact, inputs, grads):
+        out = []
+        for fn, xs in ((fn_ours, inputs), (fn_theirs, inputs), (fn_exact, [x.double() for x in inputs])):
+            xs = [x.detach().clone().requires_grad_() for x in xs]
+            ys = fn(*xs)
+            ys = ys if isinstance(ys, tuple) else (ys,)
+            sum(((y.double() * g.double()).sum() for y, g in zip(ys, grads)), torch.zeros((), device=device,
+                                                                                         dtype=torch.float64)).backward()
+            out.append(list(ys) + [x.grad for x in xs])
+        return out
+
+    def judge(ours, theirs, exact, what, tol):
+        for i, (o, t, e) in enumerate(zip(ours, theirs, exact)):
+            assert o.shape == t.shape, f"{what}[{i}]: shape {tuple(o.shape)} != verl's {tuple(t.shape)}"
+            e_ours, e_theirs = rel_err(o, e), rel_err(t, e)
+            assert e_ours <= e_theirs + tol, (f"{what}[{i}]: ours {e_ours:.2e} from float64, verl's {e_theirs:.2e} "
+                                              f"(tolerance {tol:.0e})")
+            assert rel_err(o, t.double()) < max(10 * tol, 2 * e_theirs), f"{what}[{i}]: ours and verl's differ"
+
+    with verl_kernels() as (verl_F, verl_lce):
+        g = torch.Generator(device).manual_seed(11)
+        for dtype in (torch.float32, torch.bfloat16):
+            tol = tol_for(dtype)
+            N, V = 48, 32000
+            x = (torch.randn(N, V, generator=g, device=device) * 3).to(dtype)
+            labels = torch.randint(0, V, (N,), generator=g, device=device)
+            g_lp = torch.randn(N, generator=g, device=device)
+            res = both(lambda t: compat_verl.logprobs_from_logits(t * 1, labels, inplace_backward=False),
+                       lambda t: verl_F.logprobs_from_logits(t * 1, labels, inplace_backward=False),
+                       lambda t: torch.log_softmax(t, -1).gather(-1, labels[:, None])[:, 0], [x], [g_lp])
+            judge(*res, f"logprobs_from_logits {dtype}", tol)
+            res = both(compat_verl.entropy_from_logits, verl_F.entropy_from_logits,
+                       lambda t: -(torch.softmax(t, -1) * torch.log_softmax(t, -1)).sum(-1), [x], [g_lp])
+            judge(*res, f"entropy_from_logits {dtype}", tol)
+            assert res[0][0].dtype == res[1][0].dtype, "entropy_from_logits: dtype"
+            if not linear_ce:
+                continue
+            N, H, V = LINEAR
+            h = torch.randn(N, H, generator=g, device=device).to(dtype)
+            w = (torch.randn(V, H, generator=g, device=device) * 0.05).to(dtype)
+            labels = torch.randint(0, V, (N,), generator=g, device=device)
+            g_lp, g_ent = torch.randn(N, generator=g, device=device), torch.randn(N, generator=g, device=device)
+            res = both(lambda a, b: compat_verl.linear_cross_entropy(a, b, labels, 0.8),
+                       lambda a, b: verl_lce.linear_cross_entropy(a, b, labels, 0.8),
+                       lambda a, b: lp_ops.linear_logprobs_reference(a, b, labels, 0.8, True), [h, w], [g_lp, g_ent])
+            judge(*res, f"linear_cross_entropy {dtype}", 2 * tol if dtype == torch.bfloat16 else 1e-3)
+
+
+def test_compat_verl_logprobs_entropy_linear_ce_match_verl_on_cuda():
+    """verl's tests of these three functions need CUDA (verl's linear_cross_entropy is a CUDA Triton
+    kernel), so no CPU peer test reaches them (tests/tier_peers/REACH.md): here, on the GPU, against
+    verl 0.9.1's own functions. Skipped without CUDA (the CPU parity of the first two is
+    test_logprob.py::test_compat_verl_matches_verl)."""
+    _verl_parity(DEVICE)

@@ -347,6 +347,72 @@ def test_compat_verl_policy_losses_match_verl(monkeypatch, backend_device):
         compat_verl.kl_penalty(lp, ref, "full")
 
 
+# the global-batch arguments verl's losses take (FSDP/Megatron data parallelism): none, dp with the
+# global counts, and with a fixed seq-mean-token-sum-norm scale
+VERL_GLOBAL = ({}, dict(dp_size=2, batch_num_tokens=400, global_batch_size=16),
+               dict(dp_size=4, batch_num_tokens=150.0, global_batch_size=6, loss_scale_factor=100))
+
+
+@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + BACKENDS, ids=lambda p: f"{p[0]}-{p[1]}")
+def test_compat_verl_agg_and_value_loss_every_mode_match_verl(monkeypatch, backend_device):
+    """agg_loss and compute_value_loss against verl 0.9.1 on the same inputs, every aggregation mode
+    with and without the global-batch arguments: the loss, the clip fraction and the gradient. verl's
+    own CPU tests of these (loss aggregation, value-loss normalisation) mostly compare calls with one
+    another and pass whatever the values (tests/tier_peers/REACH.md: 13 of them pass with outputs
+    x*1.5+0.25); this pins the values."""
+    need("verl", extra="test")
+    from verl.trainer.ppo import core_algos
+
+    backend, device = backend_device
+    monkeypatch.setenv("RLHFKERN_BACKEND", backend)
+    _, _, _, m, _, _, _ = batch(8, 45, torch.float32)
+    loss_mat, v, ret, oldv = (torch.randn(8, 45) for _ in range(4))
+    v = oldv + torch.randn(8, 45) * 0.3  # some clipped at 0.2, some not
+    to = lambda x: x.to(device)  # noqa: E731
+    for agg in AGG_MODES:
+        for kw in VERL_GLOBAL:
+            what = f"{agg} {kw}"
+            a, b = loss_mat.clone().requires_grad_(), to(loss_mat).requires_grad_()
+            theirs, ours = core_algos.agg_loss(a, m, agg, **kw), compat_verl.agg_loss(b, to(m), agg, **kw)
+            close(ours, theirs, 1e-5, 1e-6)
+            close(torch.autograd.grad(ours, b)[0], torch.autograd.grad(theirs, a)[0], 1e-5, 1e-8)
+            for clip in (0.2, 0.05):
+                a, b = v.clone().requires_grad_(), to(v).requires_grad_()
+                theirs = core_algos.compute_value_loss(a, ret, oldv, m, clip, agg, **kw)
+                ours = compat_verl.compute_value_loss(b, to(ret), to(oldv), to(m), clip, agg, **kw)
+                assert 0 < theirs[1].item() < 1, f"{what}: the inputs should clip some tokens, not all"
+                close(ours[0], theirs[0], 1e-5, 1e-6)
+                close(ours[1], theirs[1], 1e-6, 1e-7)
+                close(torch.autograd.grad(ours[0], b)[0], torch.autograd.grad(theirs[0], a)[0], 1e-5, 1e-8)
+
+
+@pytest.mark.parametrize("backend_device", [("torch", "cpu")] + BACKENDS, ids=lambda p: f"{p[0]}-{p[1]}")
+def test_compat_verl_kl_penalty_values_and_gradients_match_verl(monkeypatch, backend_device):
+    """kl_penalty, every kind and its "+" straight-through variant (the base kind's value, k2's
+    gradient), against verl 0.9.1: values, and gradients w.r.t. logprob, including log-ratios past
+    low_var_kl's clamp. verl's own tests of the "+" variants compare kl_penalty with itself (k3+
+    against k3, its gradient against k2's) and pass whatever the values."""
+    need("verl", extra="test")
+    from verl.trainer.ppo import core_algos
+
+    backend, device = backend_device
+    monkeypatch.setenv("RLHFKERN_BACKEND", backend)
+    lp, _, _, _, _, ref, _ = batch(6, 33, torch.float32, spread=1.0)
+    ref[0, :4] = lp[0, :4] + torch.tensor([30.0, -30.0, 12.0, -12.0])  # clamps of low_var_kl (+-10)
+    w = torch.randn_like(lp)
+    for kind in KL_ALL:
+        a, b = lp.clone().requires_grad_(), lp.clone().to(device).requires_grad_()
+        theirs, ours = core_algos.kl_penalty(a, ref, kind), compat_verl.kl_penalty(b, ref.to(device), kind)
+        close(ours, theirs, 1e-5, 1e-6)
+        grad = torch.autograd.grad((ours * w.to(device)).sum(), b)[0]
+        close(grad, torch.autograd.grad((theirs * w).sum(), a)[0], 1e-5, 1e-6)
+        if kind.endswith("+"):  # what the "+" means, on verl's own numbers: the base's value, k2's gradient
+            a2 = lp.clone().requires_grad_()
+            k2 = core_algos.kl_penalty(a2, ref, "k2")
+            close(grad, torch.autograd.grad((k2 * w).sum(), a2)[0], 1e-5, 1e-6)
+            close(ours, core_algos.kl_penalty(lp, ref, kind[:-1]), 1e-5, 1e-6)
+
+
 @pytest.mark.parametrize("dtype", PEER_DTYPES, ids=str)
 def test_compat_dtype_matches_verl_and_openrlhf(dtype):
     """The verl and OpenRLHF loss drop-ins return the peers' dtypes (the inputs' promoted with the
@@ -505,6 +571,52 @@ def test_compat_openrlhf_value_loss_and_kl_match_openrlhf(monkeypatch, backend_d
             close(ours, theirs, 1e-6, 1e-6)
             w = torch.randn_like(ours)
             close(torch.autograd.grad((ours * w).sum(), b)[0], torch.autograd.grad((theirs * w).sum(), a)[0], 1e-6, 1e-6)
+
+
+def test_compat_openrlhf_kl_and_icepop_edge_cases_match_openrlhf():
+    """OpenRLHF 0.11.2 against the drop-ins where its own tests check no value (they pass with
+    outputs x*1.5+0.25, tests/tier_peers/REACH.md): compute_approx_kl's unbiased gradient without
+    old log-probs (weight 1) and with them (weight clipped), at log-ratios past its clamps; PolicyLoss
+    with token-level IS correction (icepop) where a ratio overflows float32 (a rollout log-prob of
+    -1000), and its data-parallel token-mean against the whole batch; values, metrics, gradients."""
+    from rlhfkern.compat import openrlhf as compat_openrlhf
+
+    loss_mod, utils = openrlhf_losses()
+    lp, old, _, _, _, ref, _ = batch(4, 25, torch.float32)
+    ref[0, :4] = lp[0, :4] + torch.tensor([30.0, -30.0, 11.0, -11.0])
+    old[1, :2] = lp[1, :2] + torch.tensor([-20.0, 20.0])  # an importance weight past KL_IS_WEIGHT_CLIP
+    w = torch.randn_like(lp)
+    for est in ("k1", "k2", "k3"):
+        for unbiased, log_probs_old in ((True, None), (True, old), (False, None)):
+            a, b = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+            theirs = utils.compute_approx_kl(a, ref, log_probs_old, est, unbiased)
+            ours = compat_openrlhf.compute_approx_kl(b, ref, log_probs_old, est, unbiased)
+            close(ours, theirs, 1e-6, 1e-6)
+            close(torch.autograd.grad((ours * w).sum(), b)[0], torch.autograd.grad((theirs * w).sum(), a)[0], 1e-6, 1e-6)
+    lp, old, adv, m, _, rollout, _ = batch(6, 20, torch.float32, spread=0.5)
+    rollout[2, :3] = -1000.0  # exp(old - rollout) overflows float32
+    rollout[3, 5] = 1000.0
+    for kw in (dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=[0.5, 5.0]),
+               dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=[0.5, 5.0]),
+               dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=[0.5, 5.0])):
+        a, b = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+        theirs = loss_mod.PolicyLoss(**kw)(a, old, adv, m, rollout)
+        ours = compat_openrlhf.PolicyLoss(**kw)(b, old, adv, m, rollout)
+        for i, (x, y) in enumerate(zip(ours, theirs)):
+            assert (x is None) == (y is None), (kw, i)
+            if x is not None:
+                assert torch.isfinite(x).all(), (kw, i)
+                close(x, y, 1e-5, 1e-6)
+        g_ours, g_theirs = torch.autograd.grad(ours[0], b)[0], torch.autograd.grad(theirs[0], a)[0]
+        assert torch.isfinite(g_ours).all(), kw
+        close(g_ours, g_theirs, 1e-5, 1e-7)
+    # data-parallel token-mean: rank shards with the global token count, and the whole batch, as OpenRLHF
+    n = m.sum()
+    for rows in (slice(0, 3), slice(3, 6), slice(0, 6)):
+        kw = dict(dp_size=2, batch_num_tokens=n) if rows != slice(0, 6) else {}
+        theirs = loss_mod.PolicyLoss()(lp[rows], old[rows], adv[rows], m[rows], **kw)
+        ours = compat_openrlhf.PolicyLoss()(lp[rows], old[rows], adv[rows], m[rows], **kw)
+        close(ours[0], theirs[0], 1e-5, 1e-6)
 
 
 # ----------------------------------------------------------------------------- CPU builds
