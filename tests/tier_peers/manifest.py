@@ -183,8 +183,9 @@ PEERS = {
         },
         "unreached": {
             "selective_log_softmax_and_entropy": "new in TRL 1.15: the nearest tests available here predate it",
-            "ChunkedLogProbFunction": "TRL's tests of trl.kernels (tests/test_kernels.py, 1.15+) are marked "
-                                      "@require_torch_accelerator; the older test_utils.py ones target the "
+            "ChunkedLogProbFunction": "TRL's tests of trl.kernels (tests/test_kernels.py, 1.15+: not in the "
+                                      "copy used here; the 1.15+ version seen in a code index marks them "
+                                      "@require_torch_accelerator); the older test_utils.py ones target the "
                                       "pre-1.15 signature",
         },
     },
