@@ -532,19 +532,24 @@ def test_linear_logprobs_against_reference(backend_device, V, H, K):
 
 @pytest.mark.parametrize("V", [9000, 40])
 def test_linear_logprobs_batch_invariance(backend_device, V):
-    """A token's log-prob and entropy are bitwise the same whatever the batch around it, its
-    position in it, and chunk_size (every logits matmul has one fixed shape; at V = 40 a block
+    """A token's log-prob, entropy and d hidden are bitwise the same whatever the batch around it,
+    its position in it, and chunk_size (every logits matmul has one fixed shape; at V = 40 a block
     holds many token tiles)."""
     backend, device = backend_device
     h, w = torch.randn(300, 64).to(device), (torch.randn(V, 64) * 0.3).to(device)
     labels = torch.randint(0, V, (300,)).to(device)
-    lp, ent = rlhfkern.linear_logprobs(h, w, labels, return_entropy=True, backend=backend)
+
+    def run(rows, **kw):
+        leaf = h[rows].clone().requires_grad_()
+        lp, ent = rlhfkern.linear_logprobs(leaf, w, labels[rows], return_entropy=True, backend=backend, **kw)
+        (lp.sum() + ent.sum()).backward()
+        return lp, ent, leaf.grad
+
+    full = run(slice(None))
     for chunk in (1, 7, 1000):
-        lp_c, ent_c = rlhfkern.linear_logprobs(h, w, labels, return_entropy=True, chunk_size=chunk, backend=backend)
-        assert torch.equal(lp_c, lp) and torch.equal(ent_c, ent)
-    order = torch.tensor([250, 3, 131, 129, 7])
-    lp_s, ent_s = rlhfkern.linear_logprobs(h[order], w, labels[order], return_entropy=True, backend=backend)
-    assert torch.equal(lp_s, lp[order]) and torch.equal(ent_s, ent[order])
+        assert all(torch.equal(a, b) for a, b in zip(run(slice(None), chunk_size=chunk), full))
+    order = torch.tensor([250, 3, 131, 129, 7]).to(device)
+    assert all(torch.equal(a, b[order]) for a, b in zip(run(order), full))
 
 
 HEADS = [dict(), dict(softcap=3.0), dict(bias=True, logit_scale=1.7, softcap=2.5)]

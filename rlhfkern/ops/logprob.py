@@ -294,26 +294,46 @@ def _merge(m, s, a, s2, lse_c, ez_c, s2_c):
 TOKEN_TILE = 128  # rows of every logits matmul (the last one zero-padded)
 VOCAB_TILE = 8192  # columns of every logits block
 BLOCK_ELEMENTS = TOKEN_TILE * VOCAB_TILE  # a block is the most token tiles that fit: [k TOKEN_TILE, <= VOCAB_TILE]
+CPU_BLOCK_TILES = 4  # on the CPU a block holds at least 4 token tiles (16 MB of fp32 logits at V >= 8192)
 
 
-def _block_rows(shard):
+def _block_rows(shard, device):
     """Rows of a logits block: as many token tiles as fit BLOCK_ELEMENTS at this vocabulary width
-    (1 tile at V >= 8192, 204 at V = 40: few kernel calls for small vocabularies). A function of
-    the vocabulary only, never of the batch."""
-    return TOKEN_TILE * max(1, BLOCK_ELEMENTS // (TOKEN_TILE * min(shard, VOCAB_TILE)))
+    (1 tile at V >= 8192 on a GPU, 4 on the CPU; 204 at V = 40): few calls, and on the CPU few
+    parallel regions, each of which can stall on a loaded machine. A function of the vocabulary
+    and device only, never of the batch."""
+    tiles = max(1, BLOCK_ELEMENTS // (TOKEN_TILE * min(shard, VOCAB_TILE)))
+    return TOKEN_TILE * (max(tiles, CPU_BLOCK_TILES) if device.type == "cpu" else tiles)
+
+
+def logits_block_elements(vocab, device):
+    """Logits one linear_logprobs block holds (its largest transient, float32 at most), for a
+    vocabulary (shard) of `vocab` on `device` ("cpu"/"cuda" or a torch.device)."""
+    return _block_rows(vocab, torch.device(device)) * min(vocab, VOCAB_TILE)
+
+
+def _tiles(x, rows):
+    """x[rows] as [tiles, TOKEN_TILE, width], the last tile zero-padded."""
+    n = rows.stop - rows.start
+    tiles = -(-n // TOKEN_TILE)
+    t = x[rows]
+    if n < tiles * TOKEN_TILE:
+        t = torch.cat([t, t.new_zeros(tiles * TOKEN_TILE - n, x.shape[1])])
+    return t.view(tiles, TOKEN_TILE, x.shape[1])
 
 
 def _block_logits(hidden, rows, w):
-    """hidden[rows] @ w^T, one full TOKEN_TILE-row matmul per tile (the last zero-padded): the same
-    matmul shape for every tile makes a token's logits independent of the batch around it."""
+    """hidden[rows] @ w^T as one [TOKEN_TILE, H] x [H, <= VOCAB_TILE] matmul per token tile (the last
+    zero-padded): the same matmul shape for every tile makes a token's logits independent of the
+    batch around it. On the CPU one batched matmul over the block's tiles (one parallel region);
+    on a GPU one matmul per tile."""
     n = rows.stop - rows.start
-    tiles = -(-n // TOKEN_TILE)
-    out = torch.empty(tiles * TOKEN_TILE, w.shape[0], dtype=hidden.dtype, device=hidden.device)
-    for t in range(tiles):
-        h = hidden[rows.start + t * TOKEN_TILE: min(rows.start + (t + 1) * TOKEN_TILE, rows.stop)]
-        if h.shape[0] < TOKEN_TILE:
-            h = torch.cat([h, h.new_zeros(TOKEN_TILE - h.shape[0], h.shape[1])])
-        torch.mm(h, w.T, out=out[t * TOKEN_TILE:(t + 1) * TOKEN_TILE])
+    h = _tiles(hidden, rows)
+    if hidden.device.type == "cpu":
+        return torch.matmul(h, w.T).view(-1, w.shape[0])[:n]
+    out = torch.empty(h.shape[0] * TOKEN_TILE, w.shape[0], dtype=hidden.dtype, device=hidden.device)
+    for t in range(h.shape[0]):
+        torch.mm(h[t], w.T, out=out[t * TOKEN_TILE:(t + 1) * TOKEN_TILE])
     return out[:n]
 
 
@@ -340,7 +360,7 @@ class _LinearLogprobs(torch.autograd.Function):
         y_max = torch.full_like(m, float("-inf")) if want_top1 else None  # the row's largest y
         before = torch.full(labels.shape, float("-inf"), dtype=acc, device=hidden.device) if want_top1 else None
         picked = torch.zeros(labels.shape, dtype=acc, device=hidden.device)
-        step = _block_rows(shard)
+        step = _block_rows(shard, hidden.device)
         for n0 in range(0, N, step):
             rows = slice(n0, min(n0 + step, N))
             for v0 in range(0, shard, VOCAB_TILE):
@@ -414,7 +434,7 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
         grad_weight = torch.empty_like(weight)
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None else None
-        step = _block_rows(shard)
+        step = _block_rows(shard, hidden.device)
         for v0 in range(0, shard, VOCAB_TILE):
             w = weight[v0:v0 + VOCAB_TILE]
             grad_w = torch.zeros(w.shape, dtype=acc, device=w.device)
@@ -441,6 +461,11 @@ class _LinearLogprobs(torch.autograd.Function):
                     if grad_bias is not None:
                         grad_bias[v0:v0 + VOCAB_TILE] += d.sum(0, dtype=acc)
                     d = d.to(hidden.dtype)
+                if hidden.device.type == "cpu":  # two matmuls a block; d hidden per token tile (batch-invariant)
+                    n = rows.stop - rows.start
+                    grad_hidden[rows] += torch.matmul(_tiles(d, slice(0, n)), w).view(-1, w.shape[1])[:n].to(acc)
+                    grad_w.addmm_(d.T.to(acc), hidden[rows].to(acc))
+                    continue
                 for t0 in range(0, rows.stop - rows.start, TOKEN_TILE):
                     tile = slice(rows.start + t0, min(rows.start + t0 + TOKEN_TILE, rows.stop))
                     d_t = d[t0:t0 + TOKEN_TILE]
@@ -469,8 +494,9 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit
     the label is the first argmax of y; no gradient). Returns lp, or (lp, *the ones asked for).
 
     The logits exist one block of token tiles (TOKEN_TILE = 128 rows each, as many as fit 128 x
-    8192 entries: 1 at V >= 8192) x VOCAB_TILE (8192) entries at a time; every logits matmul has
-    the one shape [128, H] x [H, <= 8192], so a token's results are bitwise the same whatever the
+    8192 entries: 1 at V >= 8192 on a GPU, at least 4 on the CPU) x VOCAB_TILE (8192) entries at a
+    time; every logits matmul has the one shape [128, H] x [H, <= 8192] (on the CPU batched over
+    the block's tiles), so a token's results and d hidden are bitwise the same whatever the
     batch, its position in it and `chunk_size` (accepted for verl/Liger/TRL-style call sites; it
     changes nothing, the tiles bound the memory).
     """

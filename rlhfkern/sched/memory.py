@@ -66,7 +66,8 @@ per element of the model's dtype; L layers, h hidden, a heads, f = intermediate 
                (float32 logits and their gradient); inference t_r * V * (e + 4) (the lm_head
                output and its float32 copy; e = 4: t_r * V * 4); generate: one position per
                sequence. Above actors.LOGITS_BUDGET_BYTES of fp32 logits the actor fuses the LM
-               head (rlhfkern.linear_logprobs): one 128 x 8192 fp32 block (2 in train)
+               head (rlhfkern.linear_logprobs): one fp32 block of logits (2 in train; 128 x
+               8192 on a GPU, 512 x 8192 on the CPU at V >= 8192)
 Not counted: the CUDA context, allocator fragmentation, DDP's gradient buckets.
 """
 
@@ -251,23 +252,24 @@ def _inference_logits(m, tokens):
     return tokens * m.vocab * (e + 4 if e != 4 else 4) if m.causal_lm else 0
 
 
-def _logprob_logits(m, tokens, train):
+def _logprob_logits(m, tokens, train, device):
     """Logits of the log-prob pass over `tokens` response tokens, as the actor computes them:
     materialised (train: float32 logits and their gradient) up to LOGITS_BUDGET_BYTES, else
-    fused with the LM head (rlhfkern.linear_logprobs: one fp32 [TOKEN_TILE, VOCAB_TILE] block,
-    and its gradient block in train)."""
-    from ..ops.logprob import TOKEN_TILE, VOCAB_TILE
+    fused with the LM head (rlhfkern.linear_logprobs: one fp32 block of logits on `device`, and
+    its gradient block in train)."""
+    from ..ops.logprob import logits_block_elements
     from .actors import LOGITS_BUDGET_BYTES
 
     if not m.causal_lm:
         return 0
     if tokens * m.vocab * 4 > LOGITS_BUDGET_BYTES:
-        return (2 if train else 1) * TOKEN_TILE * min(VOCAB_TILE, m.vocab) * 4
+        return (2 if train else 1) * logits_block_elements(m.vocab, device) * 4
     return 2 * tokens * m.vocab * 4 if train else _inference_logits(m, tokens)
 
 
-def transient(m, phase, b, s, prompt):
-    """{component: bytes} of model `m` running `phase` on b sequences of s tokens (prompt long)."""
+def transient(m, phase, b, s, prompt, device="cuda"):
+    """{component: bytes} of model `m` running `phase` on b sequences of s tokens (prompt long), its
+    tensors on `device` ("cuda"/"cpu")."""
     e = m.itemsize
     if phase == "generate" and m.backend == "vllm":  # the cache is preallocated (engine_state)
         m = dataclasses.replace(m, heads=max(1, m.heads // m.tp), intermediate=m.intermediate // m.tp)
@@ -283,11 +285,11 @@ def transient(m, phase, b, s, prompt):
                   "logits": _inference_logits(m, b)}
         return max(prefill, decode, key=lambda parts: sum(parts.values()))
     if phase in ("reward", "logprobs", "values"):
-        return {"activations": _working_set(m, b, s, s), "logits": _logprob_logits(m, b * (s - prompt), False)}
+        return {"activations": _working_set(m, b, s, s), "logits": _logprob_logits(m, b * (s - prompt), False, device)}
     if phase == "train":
         c_h, c_f = TRAIN_PER_LAYER
         acts = int(b * s * e * (m.layers * (c_h * m.hidden + c_f * m.intermediate) + TRAIN_OUTSIDE_LAYERS * m.hidden))
-        return {"activations": acts, "logits": _logprob_logits(m, b * (s - prompt), True)}
+        return {"activations": acts, "logits": _logprob_logits(m, b * (s - prompt), True, device)}
     return {}  # sync: weights only
 
 
@@ -337,7 +339,7 @@ def estimate(cfg, device=None):
                         parts.update({(n, c): getattr(m, c) for c in STATE if getattr(m, c)})
                         parts.update({(n, c): v for c, v in engine_state(m, device, bundle).items()})
                     if n in running:
-                        extra = transient(m, phase, batch[phase][n], seq, prompt)
+                        extra = transient(m, phase, batch[phase][n], seq, prompt, device)
                         parts.update({(n, c): v for c, v in extra.items() if v})
                 table[phase] = parts
             devices.append(DeviceMemory(i, pool.name, bundle, here, table))
