@@ -337,6 +337,19 @@ def _block_logits(hidden, rows, w):
     return out[:n]
 
 
+def _transformed(bias, logit_scale, softcap):
+    return bias is not None or logit_scale != 1.0 or softcap is not None
+
+
+def _block_y(hidden, rows, w, bias, v0, logit_scale, softcap, acc):
+    """A block's y: its logits (hidden's dtype), through head_transform in the accumulation dtype
+    when the head has a bias, a scale or softcapping."""
+    y = _block_logits(hidden, rows, w)
+    if not _transformed(bias, logit_scale, softcap):
+        return y
+    return head_transform(y.to(acc), None if bias is None else bias[v0:v0 + VOCAB_TILE], logit_scale, softcap)
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """Log-probs of y = head_transform(hidden @ weight^T) without the [N, V] logits: the logits exist
     one [token tiles, vocabulary tile] block at a time, reduced by the log-prob kernels into per-row
@@ -350,7 +363,6 @@ class _LinearLogprobs(torch.autograd.Function):
         fwd = _kernels(backend)[0]
         N, shard = hidden.shape[0], weight.shape[0]
         acc = acc_dtype(hidden)
-        transformed = bias is not None or logit_scale != 1.0 or softcap is not None
         offset = 0 if group is None else torch.distributed.get_rank(group) * shard
         world = 1 if group is None else torch.distributed.get_world_size(group)
         m = torch.full((N,), float("-inf"), dtype=acc, device=hidden.device)
@@ -365,10 +377,7 @@ class _LinearLogprobs(torch.autograd.Function):
             rows = slice(n0, min(n0 + step, N))
             for v0 in range(0, shard, VOCAB_TILE):
                 w = weight[v0:v0 + VOCAB_TILE]
-                y = _block_logits(hidden, rows, w)
-                if transformed:
-                    y = head_transform(y.to(acc), None if bias is None else bias[v0:v0 + VOCAB_TILE], logit_scale,
-                                       softcap)
+                y = _block_y(hidden, rows, w, bias, v0, logit_scale, softcap, acc)
                 local = labels[rows] - offset - v0
                 owned = (local >= 0) & (local < w.shape[0])
                 local = torch.where(owned, local, IGNORE_INDEX)
@@ -426,7 +435,7 @@ class _LinearLogprobs(torch.autograd.Function):
         temperature, logit_scale, softcap, (want_p2, want_mean, _), backend, group, offset, vocab = ctx.args
         bwd = _kernels(backend)[1]
         acc = lse.dtype
-        transformed = bias is not None or logit_scale != 1.0 or softcap is not None
+        transformed = _transformed(bias, logit_scale, softcap)
         N, shard = hidden.shape[0], weight.shape[0]
         grad_lp = torch.zeros(labels.shape, dtype=acc, device=hidden.device) if grad_lp is None else grad_lp.to(acc)
         g_sum = (grad_lp * valid).sum(1)  # the whole row's
@@ -440,10 +449,7 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_w = torch.zeros(w.shape, dtype=acc, device=w.device)
             for n0 in range(0, N, step):
                 rows = slice(n0, min(n0 + step, N))
-                y = _block_logits(hidden, rows, w)
-                if transformed:
-                    y = head_transform(y.to(acc), None if bias is None else bias[v0:v0 + VOCAB_TILE], logit_scale,
-                                       softcap)
+                y = _block_y(hidden, rows, w, bias, v0, logit_scale, softcap, acc)
                 local = labels[rows] - offset - v0
                 local = torch.where((local >= 0) & (local < w.shape[0]), local, IGNORE_INDEX)
                 d = bwd(grad_lp[rows].contiguous(), None if grad_ent is None else grad_ent[rows].to(acc).contiguous(),
