@@ -2,6 +2,8 @@
 adversarial logits and vocabularies, K candidates, temperature, the in-place backward, batch
 invariance, the verl / OpenRLHF / TRL drop-ins against those libraries, validation, compile."""
 
+import os
+
 import pytest
 import torch
 
@@ -102,17 +104,23 @@ def test_float64_tight(backend_device):
     check(backend, device, x, labels, 0.9, tol=1e-12, grad_tol=1e-12)
 
 
+# the CPU kernels reduce rows of up to 512 logits several at a time (csrc/cpu/softmax_rows.h,
+# logprob_rows_small), longer ones one at a time: the tests below cover both
+SMALL_V = 37  # not a multiple of any lane count
+
+
+@pytest.mark.parametrize("V", [3001, SMALL_V])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_logits(backend_device, dtype):
+def test_half_logits(backend_device, dtype, V):
     backend, device = backend_device
-    x, labels = make(4, 3001, dtype, device)
+    x, labels = make(11, V, dtype, device)
     # the reference sees the same half values, upcast exactly: what is left is float32 rounding
     check(backend, device, x, labels, tol=2e-5, grad_tol=1e-2)
 
 
-def test_adversarial_logits(backend_device):
+@pytest.mark.parametrize("V", [4099, SMALL_V])  # not a multiple of any tile
+def test_adversarial_logits(backend_device, V):
     backend, device = backend_device
-    V = 4099  # not a multiple of any tile
     x, labels = make(6, V, device=device)
     x[0, : V // 2] = float("-inf")  # masked-out vocabulary
     labels[0] = V - 1
@@ -134,6 +142,10 @@ def test_non_contiguous_and_3d(backend_device):
     x, labels = make(3 * 4, 70, device=device)
     x3 = torch.cat([x, x], -1)[:, ::2].reshape(3, 4, 70)  # strided along V
     check(backend, device, x3, labels.reshape(3, 4))
+    for V in (SMALL_V, 700):  # rows further apart than V (a narrowed view: read in place)
+        wide, labels = make(10, 2 * V, device=device)
+        labels = labels % V
+        check(backend, device, wide[:, :V], labels)
 
 
 def test_inplace_backward(backend_device):
@@ -154,10 +166,12 @@ def test_inplace_backward(backend_device):
         other.backward()
 
 
-def test_batch_invariance(backend_device):
-    """A token's log-prob and entropy are bitwise the same whatever else is in the batch."""
+@pytest.mark.parametrize("V", [2500, 40])
+def test_batch_invariance(backend_device, V):
+    """A token's log-prob and entropy are bitwise the same whatever else is in the batch (at V = 40
+    the CPU reduces 8 rows at a time: 9 rows are a full group and a short one)."""
     backend, device = backend_device
-    x, labels = make(9, 2500, device=device)
+    x, labels = make(9, V, device=device)
     lp, ent = rlhfkern.logprobs(x, labels, return_entropy=True, backend=backend)
     order = torch.tensor([4, 8, 0, 3])
     lp_sub, ent_sub = rlhfkern.logprobs(x[order], labels[order], return_entropy=True, backend=backend)
@@ -680,6 +694,35 @@ def _tp_check_linear(rank, world, backends):
 @pytest.mark.parametrize("world", [2, 4])
 def test_linear_logprobs_vocab_parallel(tmp_path, world):
     run_tp(tmp_path, world, "_tp_check_linear")
+
+
+@pytest.mark.skipif("cpu" not in rlhfkern.backends(), reason="the CPU backend is not built")
+def test_cpu_sse_build_matches_the_reference_too():
+    """The baseline (SSE, 4 lanes) build of the float32 row loops, forced with RLHFKERN_CPU_SIMD=sse
+    in a fresh process (the choice is made when the extension loads), at a small vocabulary (rows
+    4 at a time) and a large one; bf16 logits take this build on every processor."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, rlhfkern\n"
+        "from rlhfkern.ops.logprob import logprobs_reference\n"
+        "torch.manual_seed(0)\n"
+        "for V in (37, 3001):\n"
+        "    x = (torch.randn(7, V) * 3).requires_grad_(); labels = torch.randint(0, V, (7,)); x.data[2, :] = -float('inf')\n"
+        "    x.data[2, 1] = 0.5; labels[2] = 1\n"
+        "    lp, ent = rlhfkern.logprobs(x, labels, return_entropy=True, temperature=0.7, backend='cpu')\n"
+        "    g, = torch.autograd.grad(lp.sum() + 0.3 * ent.sum(), x)\n"
+        "    xd = x.detach().double().requires_grad_()\n"
+        "    rlp, rent = logprobs_reference(xd, labels, 0.7, True)\n"
+        "    rg, = torch.autograd.grad(rlp.sum() + 0.3 * rent.sum(), xd)\n"
+        "    for a, b in ((lp, rlp), (ent, rent), (g, rg)):\n"
+        "        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, RLHFKERN_CPU_SIMD="sse")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 @pytest.mark.skipif("cpu" not in rlhfkern.backends(), reason="the CPU backend is not built")

@@ -65,6 +65,11 @@ void logprob_row_avx2(const float* x, int64_t n, float temp, const int64_t* labe
   k::logprob_row<k::vfloat8>(x, n, temp, labels, k, lp, ent, stats);
 }
 
+void logprob_rows_small_avx2(const float* x, int64_t sx, int64_t n, float temp, const int64_t* labels, int64_t k,
+                             float* lp, float* ent, float* stats, int64_t r0, int64_t r1) {
+  k::logprob_rows_small<k::vfloat8>(x, sx, n, temp, labels, k, lp, ent, stats, r0, r1);
+}
+
 void logprob_row_backward_avx2(const float* x, float* out, int64_t n, float temp, float lse, float ez, float g_sum,
                                float g_ent, const int64_t* labels, const float* g_lp, int64_t k) {
   k::softmax_row_backward<k::vfloat8>(x, out, n, temp, lse, ez, g_sum, g_ent, labels, g_lp, k);

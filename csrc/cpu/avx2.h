@@ -30,6 +30,8 @@ void actor_bwd_row_avx2(const RowPtrs& r, int mask_kind, int64_t T, const Params
 
 void logprob_row_avx2(const float* x, int64_t n, float temp, const int64_t* labels, int64_t k, float* lp, float* ent,
                       float* stats);
+void logprob_rows_small_avx2(const float* x, int64_t sx, int64_t n, float temp, const int64_t* labels, int64_t k,
+                             float* lp, float* ent, float* stats, int64_t r0, int64_t r1);
 void logprob_row_backward_avx2(const float* x, float* out, int64_t n, float temp, float lse, float ez, float g_sum,
                                float g_ent, const int64_t* labels, const float* g_lp, int64_t k);
 

@@ -35,6 +35,18 @@ using SoftmaxLane = std::conditional_t<std::is_same_v<acc_t, float>, vfloat4, ac
 template <typename T, typename A>
 void fwd_rows(const T* x, int64_t sx, int64_t V, A temp, const int64_t* lab, int64_t K, A* lp, A* ent, A* st,
               int64_t r0, int64_t r1) {
+  if constexpr (std::is_same_v<A, float>) {  // short rows: several a lane transpose (softmax_rows.h)
+    if (V <= kSmallVocab) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (rlhfkern_simd::avx2_in_use()) {
+          rlhfkern_simd::logprob_rows_small_avx2(x, sx, V, temp, lab, K, lp, ent, st, r0, r1);
+          return;
+        }
+      }
+      logprob_rows_small<vfloat4>(x, sx, V, temp, lab, K, lp, ent, st, r0, r1);
+      return;
+    }
+  }
   for (int64_t r = r0; r < r1; ++r) {
     A* e = ent ? ent + r : nullptr;
     if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
