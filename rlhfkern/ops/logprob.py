@@ -399,6 +399,7 @@ class _LinearLogprobs(torch.autograd.Function):
         before = torch.full(labels.shape, float("-inf"), dtype=acc, device=hidden.device) if want_top1 else None
         picked = torch.zeros(labels.shape, dtype=acc, device=hidden.device)
         step = _block_rows(shard, hidden.device)
+        one_tile = shard <= VOCAB_TILE  # each row block is merged once, from the empty state: a copy
         for n0 in range(0, N, step):
             rows = slice(n0, min(n0 + step, N))
             for v0 in range(0, shard, VOCAB_TILE):
@@ -413,8 +414,12 @@ class _LinearLogprobs(torch.autograd.Function):
                 s2_c = None
                 if want_p2:
                     s2_c = (torch.exp(y.to(acc) / temperature - st[:, :1]) ** 2).sum(-1)
-                m[rows], s[rows], a[rows], s2_rows = _merge(m[rows], s[rows], a[rows],
-                                                            s2[rows] if want_p2 else None, st[:, 0], st[:, 1], s2_c)
+                if one_tile:  # what _merge gives from (-inf, 0, 0, 0), bit for bit, in fewer ops
+                    m[rows], s[rows], a[rows] = st[:, 0], 1.0, st[:, 1]
+                    s2_rows = s2_c
+                else:
+                    m[rows], s[rows], a[rows], s2_rows = _merge(m[rows], s[rows], a[rows],
+                                                                s2[rows] if want_p2 else None, st[:, 0], st[:, 1], s2_c)
                 if want_p2:
                     s2[rows] = s2_rows
                 if want_mean:
@@ -450,14 +455,15 @@ class _LinearLogprobs(torch.autograd.Function):
                    if want_top1 else torch.zeros(0, dtype=torch.bool, device=hidden.device))
         nan = torch.full_like(picked, float("nan"))
         lp = torch.where(labels == IGNORE_INDEX, 0.0, torch.where(valid, picked - lse[:, None], nan))
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ez, sum_p2, valid)
+        kept = y if N <= step and one_tile else None  # the whole logits were one block: kept, not recomputed
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ez, sum_p2, valid, kept)
         ctx.args = (temperature, logit_scale, softcap, want, backend, group, offset, vocab)
         ctx.mark_non_differentiable(is_top1)
         return lp, lse - ez, sum_p2, mean_logit, is_top1
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent, grad_p2, grad_mean, _grad_top1):
-        hidden, weight, bias, labels, lse, ez, sum_p2, valid = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, ez, sum_p2, valid, kept = ctx.saved_tensors
         temperature, logit_scale, softcap, (want_p2, want_mean, _), backend, group, offset, vocab = ctx.args
         bwd = _kernels(backend)[1]
         acc = lse.dtype
@@ -475,7 +481,7 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_w = torch.zeros(w.shape, dtype=acc, device=w.device)
             for n0 in range(0, N, step):
                 rows = slice(n0, min(n0 + step, N))
-                y = _block_y(hidden, rows, w, bias, v0, logit_scale, softcap, acc)
+                y = kept if kept is not None else _block_y(hidden, rows, w, bias, v0, logit_scale, softcap, acc)
                 local = labels[rows] - offset - v0
                 local = torch.where((local >= 0) & (local < w.shape[0]), local, IGNORE_INDEX)
                 d = bwd(grad_lp[rows].contiguous(), None if grad_ent is None else grad_ent[rows].to(acc).contiguous(),
