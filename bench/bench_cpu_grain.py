@@ -87,7 +87,7 @@ def bench_logprobs_entropy(benchmark, load, threads, shape, impl):
         (lp.sum() + 0.01 * ent.sum()).backward()
 
     benchmark.extra_info.update(inner=1, label=label(text, load, threads), role=role)
-    rounds = 5 if n * v <= 4096 * 40 else 3
+    rounds = 50 if n * v <= 4096 * 40 else 3  # sub-millisecond calls on a noisy VM: many rounds
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
@@ -125,4 +125,4 @@ def bench_linear_logprobs_small_vocab(benchmark, load, threads, impl):
         (lp.sum() + 0.01 * ent.sum()).backward()
 
     benchmark.extra_info.update(inner=1, label=label(text, load, threads), role=role)
-    benchmark.pedantic(call, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=1)
