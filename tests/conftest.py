@@ -7,7 +7,9 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():  # on a GPU Triton compiles: never force the interpreter there
+# on a GPU Triton compiles: never force the interpreter there. (A worker forked from
+# run_processes' forkserver inherits TRITON_INTERPRET=1 and triton with it.)
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     assert sys.modules.get("triton") is None, "triton was imported before tests/conftest.py could configure it"
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
@@ -109,14 +111,23 @@ def gloo_process(rank, world, init_file, failures):
         dist.destroy_process_group()
 
 
+# What every worker imports, imported once in the forkserver that forks them: a spawned worker
+# spent seconds importing torch, transformers and megatron-core again, for every rank of every test.
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "rlhfkern", "transformers", "megatron.core"]
+
+
 def run_processes(worker, world, tmp_path, *args):
-    """Runs worker(rank, world, init_file, failures, *args) in `world` spawned processes and fails
-    with every rank's reported error."""
+    """Runs worker(rank, world, init_file, failures, *args) in `world` processes (forked from a
+    forkserver holding FORKSERVER_PRELOAD) and fails with every rank's reported error."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    failures = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([m for m in FORKSERVER_PRELOAD if importlib.util.find_spec(m.split(".")[0])])
+    failures = ctx.SimpleQueue()
     mp.start_processes(worker, args=(world, str(tmp_path / "init"), failures) + args, nprocs=world,
-                       start_method="spawn")
+                       start_method="forkserver")
     errors = []
     while not failures.empty():
         errors.append(failures.get())
@@ -172,3 +183,14 @@ def at_threads(n, fn):
         return fn()
     finally:
         torch.set_num_threads(before)
+
+
+def run_sse_build(script):
+    """Runs `script` in a fresh Python with RLHFKERN_CPU_SIMD=sse, which forces the baseline (SSE)
+    build of the CPU row loops (the choice is made when the extension loads); the script must
+    print "ok" and exit 0."""
+    import subprocess
+
+    env = dict(os.environ, RLHFKERN_CPU_SIMD="sse")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -2,8 +2,6 @@
 adversarial logits and vocabularies, K candidates, temperature, the in-place backward, batch
 invariance, the verl / OpenRLHF / TRL drop-ins against those libraries, validation, compile."""
 
-import os
-
 import pytest
 import torch
 
@@ -13,7 +11,8 @@ from rlhfkern.compat import trl as compat_trl
 from rlhfkern.compat import verl as compat_verl
 from rlhfkern.ops.logprob import OP_BACKENDS, logprobs_reference
 
-from conftest import HAVE_TRITON, at_threads, backend_pairs, compiled_backends, gloo_process, need, openrlhf_losses, run_processes
+from conftest import (HAVE_TRITON, at_threads, backend_pairs, compiled_backends, gloo_process, need, openrlhf_losses,
+                      run_processes, run_sse_build)
 
 BACKENDS = compiled_backends(OP_BACKENDS)  # no CUDA kernel in this family: Triton serves GPUs
 
@@ -560,7 +559,8 @@ def test_linear_logprobs_batch_invariance(backend_device, V):
         return lp, ent, leaf.grad
 
     full = run(slice(None))
-    for chunk in (1, 7, 1000):
+    interpreted = backend == "triton" and device == "cpu"  # its cost is per element: one chunk_size there
+    for chunk in (7,) if interpreted else (1, 7, 1000):
         assert all(torch.equal(a, b) for a, b in zip(run(slice(None), chunk_size=chunk), full))
     order = torch.tensor([250, 3, 131, 129, 7]).to(device)
     assert all(torch.equal(a, b[order]) for a, b in zip(run(order), full))
@@ -698,13 +698,9 @@ def test_linear_logprobs_vocab_parallel(tmp_path, world):
 
 @pytest.mark.skipif("cpu" not in rlhfkern.backends(), reason="the CPU backend is not built")
 def test_cpu_sse_build_matches_the_reference_too():
-    """The baseline (SSE, 4 lanes) build of the float32 row loops, forced with RLHFKERN_CPU_SIMD=sse
-    in a fresh process (the choice is made when the extension loads), at a small vocabulary (rows
-    4 at a time) and a large one; bf16 logits take this build on every processor."""
-    import subprocess
-    import sys
-
-    script = (
+    """The baseline (SSE, 4 lanes) build of the float32 row loops (run_sse_build) at a small
+    vocabulary (rows 4 at a time) and a large one; bf16 logits take this build on every processor."""
+    run_sse_build(
         "import torch, rlhfkern\n"
         "from rlhfkern.ops.logprob import logprobs_reference\n"
         "torch.manual_seed(0)\n"
@@ -720,9 +716,6 @@ def test_cpu_sse_build_matches_the_reference_too():
         "        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, RLHFKERN_CPU_SIMD="sse")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 @pytest.mark.skipif("cpu" not in rlhfkern.backends(), reason="the CPU backend is not built")

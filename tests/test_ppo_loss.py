@@ -12,7 +12,8 @@ from rlhfkern.compat import verl as compat_verl
 from rlhfkern.ops.ppo_loss import (AGG_MODES, KL_KINDS, OP_BACKENDS, actor_loss_reference, agg_loss_reference,
                                    kl_penalty_reference, value_loss_reference)
 
-from conftest import PEER_DTYPES, assert_like_peer, at_threads, compiled_backends, need, openrlhf_losses
+from conftest import (PEER_DTYPES, assert_like_peer, at_threads, compiled_backends, need, openrlhf_losses,
+                      run_sse_build)
 
 BACKENDS = compiled_backends(OP_BACKENDS)  # no CUDA kernel in this family: Triton serves GPUs
 
@@ -637,13 +638,8 @@ def test_cpu_float32_every_mask_dtype(mask_dtype):
 
 
 def test_cpu_sse_build_matches_the_reference_too():
-    """The baseline (SSE) build of the float32 row loops, forced with RLHFKERN_CPU_SIMD=sse in a
-    fresh process (the choice is made when the extension loads)."""
-    import os
-    import subprocess
-    import sys
-
-    script = (
+    """The baseline (SSE) build of the float32 row loops (run_sse_build)."""
+    run_sse_build(
         "import torch, rlhfkern\n"
         "from rlhfkern.ops.ppo_loss import actor_loss_reference\n"
         "torch.manual_seed(0)\n"
@@ -658,9 +654,6 @@ def test_cpu_sse_build_matches_the_reference_too():
         "torch.testing.assert_close(ga.double(), gb.double(), rtol=2e-5, atol=2e-6)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, RLHFKERN_CPU_SIMD="sse")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_actor_loss_mixed_dtypes(backend_device):
