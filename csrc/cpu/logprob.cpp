@@ -35,7 +35,7 @@ using SoftmaxLane = std::conditional_t<std::is_same_v<acc_t, float>, vfloat4, ac
 template <typename T, typename A>
 void fwd_rows(const T* x, int64_t sx, int64_t V, A temp, const int64_t* lab, int64_t K, A* lp, A* ent, A* st,
               int64_t r0, int64_t r1) {
-  if constexpr (std::is_same_v<A, float>) {  // short rows: several a lane transpose (softmax_rows.h)
+  if constexpr (std::is_same_v<A, float>) {  // short rows: a lane group at a time (logprob_rows_small)
     if (V <= kSmallVocab) {
       if constexpr (std::is_same_v<T, float>) {
         if (rlhfkern_simd::avx2_in_use()) {

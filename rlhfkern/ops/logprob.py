@@ -380,7 +380,8 @@ class _LinearLogprobs(torch.autograd.Function):
     """Log-probs of y = head_transform(hidden @ weight^T) without the [N, V] logits: the logits exist
     one [token tiles, vocabulary tile] block at a time, reduced by the log-prob kernels into per-row
     (lse, E[z]) merged across blocks (and ranks: one all-reduce MAX, one all-reduce SUM); the
-    backward recomputes each block and feeds its d logits to two matmuls per token tile.
+    backward recomputes each block (or, when the whole logits were one block, uses the forward's)
+    and feeds its d logits to two matmuls per token tile.
     `want` = (sum_p2, mean_logit, is_top1): the optional outputs computed (empty tensors otherwise)."""
 
     @staticmethod
@@ -533,10 +534,11 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit
 
     The logits exist one block of token tiles (TOKEN_TILE = 128 rows each, as many as fit 128 x
     8192 entries: 1 at V >= 8192 on a GPU, at least 4 on the CPU) x VOCAB_TILE (8192) entries at a
-    time; every logits matmul has the one shape [128, H] x [H, <= 8192] (on the CPU batched over
-    the block's tiles), so a token's results and d hidden are bitwise the same whatever the
-    batch, its position in it and `chunk_size` (accepted for verl/Liger/TRL-style call sites; it
-    changes nothing, the tiles bound the memory).
+    time (when all of them fit one block, e.g. [4096, 40], the forward keeps that block for the
+    backward rather than recomputing it); every logits matmul has the one shape [128, H] x
+    [H, <= 8192] (on the CPU batched over the block's tiles), so a token's results and d hidden
+    are bitwise the same whatever the batch, its position in it and `chunk_size` (accepted for
+    verl/Liger/TRL-style call sites; it changes nothing, the tiles bound the memory).
     """
     if not torch.is_tensor(hidden) or not hidden.is_floating_point() or hidden.dim() < 1:
         raise ValueError(f"hidden must be a floating tensor [..., H], got {getattr(hidden, 'dtype', type(hidden))}")
