@@ -401,17 +401,26 @@ class _LinearLogprobs(torch.autograd.Function):
         picked = torch.zeros(labels.shape, dtype=acc, device=hidden.device)
         step = _block_rows(shard, hidden.device)
         one_tile = shard <= VOCAB_TILE  # each row block is merged once, from the empty state: a copy
+        # one unsharded vocabulary tile: the kernel's own log-probs and entropy are the results
+        # (for every batch size alike: batch-invariant), with none of the merging's small ops
+        direct = one_tile and group is None
+        if direct:
+            lp_d, ent_d = torch.empty(labels.shape, dtype=acc, device=hidden.device), torch.empty_like(m)
         for n0 in range(0, N, step):
             rows = slice(n0, min(n0 + step, N))
             for v0 in range(0, shard, VOCAB_TILE):
                 w = weight[v0:v0 + VOCAB_TILE]
                 y = _block_y(hidden, rows, w, bias, v0, logit_scale, softcap, acc)
-                local = labels[rows] - offset - v0
-                owned = (local >= 0) & (local < w.shape[0])
-                local = torch.where(owned, local, IGNORE_INDEX)
-                _, _, st = fwd(y, local, temperature, False)
-                picked[rows] += torch.where(owned, torch.gather(y, 1, torch.where(owned, local, 0)).to(acc)
-                                            / temperature, 0.0)
+                if direct:
+                    lp_d[rows], ent_d[rows], st = fwd(y, labels[rows], temperature, True)
+                if not direct or want_top1:  # the label's y / T
+                    local = labels[rows] - offset - v0
+                    owned = (local >= 0) & (local < w.shape[0])
+                    local = torch.where(owned, local, IGNORE_INDEX)
+                    if not direct:
+                        _, _, st = fwd(y, local, temperature, False)
+                    picked[rows] += torch.where(owned, torch.gather(y, 1, torch.where(owned, local, 0)).to(acc)
+                                                / temperature, 0.0)
                 s2_c = None
                 if want_p2:
                     s2_c = (torch.exp(y.to(acc) / temperature - st[:, :1]) ** 2).sum(-1)
@@ -454,13 +463,17 @@ class _LinearLogprobs(torch.autograd.Function):
         valid = (labels >= 0) & (labels < vocab)
         is_top1 = (valid & (picked >= (y_max / temperature)[:, None]) & (picked > before / temperature)
                    if want_top1 else torch.zeros(0, dtype=torch.bool, device=hidden.device))
-        nan = torch.full_like(picked, float("nan"))
-        lp = torch.where(labels == IGNORE_INDEX, 0.0, torch.where(valid, picked - lse[:, None], nan))
+        if direct:
+            lp, entropy = lp_d, ent_d
+        else:
+            nan = torch.full_like(picked, float("nan"))
+            lp = torch.where(labels == IGNORE_INDEX, 0.0, torch.where(valid, picked - lse[:, None], nan))
+            entropy = lse - ez
         kept = y if N <= step and one_tile else None  # the whole logits were one block: kept, not recomputed
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ez, sum_p2, valid, kept)
         ctx.args = (temperature, logit_scale, softcap, want, backend, group, offset, vocab)
         ctx.mark_non_differentiable(is_top1)
-        return lp, lse - ez, sum_p2, mean_logit, is_top1
+        return lp, entropy, sum_p2, mean_logit, is_top1
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent, grad_p2, grad_mean, _grad_top1):
@@ -473,7 +486,9 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_lp = torch.zeros(labels.shape, dtype=acc, device=hidden.device) if grad_lp is None else grad_lp.to(acc)
         g_sum = (grad_lp * valid).sum(1)  # the whole row's
         stats = torch.stack([lse, ez], 1)
-        grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+        cpu = hidden.device.type == "cpu"
+        once = cpu and shard <= VOCAB_TILE  # each row's d hidden is written once, not summed over tiles
+        grad_hidden = (torch.empty if once else torch.zeros)(hidden.shape, dtype=acc, device=hidden.device)
         grad_weight = torch.empty_like(weight)
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None else None
         step = _block_rows(shard, hidden.device)
@@ -500,9 +515,13 @@ class _LinearLogprobs(torch.autograd.Function):
                     if grad_bias is not None:
                         grad_bias[v0:v0 + VOCAB_TILE] += d.sum(0, dtype=acc)
                     d = d.to(hidden.dtype)
-                if hidden.device.type == "cpu":  # two matmuls a block; d hidden per token tile (batch-invariant)
+                if cpu:  # two matmuls a block; d hidden per token tile (batch-invariant)
                     n = rows.stop - rows.start
-                    grad_hidden[rows] += torch.matmul(_tiles(d, slice(0, n)), w).view(-1, w.shape[1])[:n].to(acc)
+                    d_hidden = torch.matmul(_tiles(d, slice(0, n)), w).view(-1, w.shape[1])[:n].to(acc)
+                    if once:
+                        grad_hidden[rows] = d_hidden
+                    else:
+                        grad_hidden[rows] += d_hidden
                     grad_w.addmm_(d.T.to(acc), hidden[rows].to(acc))
                     continue
                 for t0 in range(0, rows.stop - rows.start, TOKEN_TILE):
