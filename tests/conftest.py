@@ -119,8 +119,6 @@ FORKSERVER_PRELOAD = ["torch", "torch.distributed", "rlhfkern", "transformers", 
 def run_processes(worker, world, tmp_path, *args):
     """Runs worker(rank, world, init_file, failures, *args) in `world` processes (forked from a
     forkserver holding FORKSERVER_PRELOAD) and fails with every rank's reported error."""
-    import multiprocessing
-
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("forkserver")

@@ -41,6 +41,14 @@ inline elem_t<V> tile_max(const T* x, int64_t t0, int64_t t1, elem_t<V> temp, el
   return r;
 }
 
+// adds one vector's softmax terms exp(z - m) to s and exp(z - m) z to a (z = -inf adds 0 to both)
+template <typename V>
+inline void add_softmax_terms(V z, elem_t<V> m, V& s, V& a) {
+  const V e = exp_nonpositive<V>(z - m);
+  s += e;
+  a += z == -INFINITY ? splat<V>(0) : e * z;
+}
+
 // adds sum exp(z - m) and sum exp(z - m) z over [t0, t1) to s and a
 template <typename V, typename T>
 inline void tile_sums(const T* x, int64_t t0, int64_t t1, elem_t<V> temp, elem_t<V> m, double& s, double& a) {
@@ -48,12 +56,7 @@ inline void tile_sums(const T* x, int64_t t0, int64_t t1, elem_t<V> temp, elem_t
   constexpr int W = lane_count<V>();
   V vs = splat<V>(0), va = splat<V>(0);
   int64_t t = t0;
-  for (; t + W <= t1; t += W) {
-    const V z = scaled<V>(load_lanes<V>(x + t), temp);
-    const V e = exp_nonpositive<V>(z - m);
-    vs += e;
-    va += z == -INFINITY ? splat<V>(0) : e * z;
-  }
+  for (; t + W <= t1; t += W) add_softmax_terms<V>(scaled<V>(load_lanes<V>(x + t), temp), m, vs, va);
   s += sum_lanes(vs);
   a += sum_lanes(va);
   for (; t < t1; ++t) {
@@ -213,12 +216,7 @@ void logprob_rows_small(const T* x, int64_t sx, int64_t n, elem_t<V> temp, const
     const V m_safe = m == -INFINITY ? splat<V>(0) : m;  // an all -inf row sums nothing, as in softmax_row_stats
     for (int j = 0; j < W; ++j) {
       V s = splat<V>(0), a = splat<V>(0);
-      for (int64_t t = 0; t < n; t += W) {
-        const V z = load_z_padded<V>(row[j], t, n, temp);
-        const V e = exp_nonpositive<V>(z - m_safe[j]);
-        s += e;
-        a += z == -INFINITY ? splat<V>(0) : e * z;
-      }
+      for (int64_t t = 0; t < n; t += W) add_softmax_terms<V>(load_z_padded<V>(row[j], t, n, temp), m_safe[j], s, a);
       acc[j] = s, acc_a[j] = a;
     }
     const V s = transpose_reduce(acc, LaneAdd{}), a = transpose_reduce(acc_a, LaneAdd{});

@@ -518,9 +518,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 if cpu:  # two matmuls a block; d hidden per token tile (batch-invariant)
                     n = rows.stop - rows.start
                     d_hidden = torch.matmul(_tiles(d, slice(0, n)), w).view(-1, w.shape[1])[:n].to(acc)
-                    if kept is not None:  # the only block: its d hidden is the whole
-                        grad_hidden = d_hidden
-                    elif once:
+                    if once:
                         grad_hidden[rows] = d_hidden
                     else:
                         grad_hidden[rows] += d_hidden
